@@ -1,0 +1,140 @@
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Args;
+use serde::Serialize;
+use wordloom::generate::sampling::argmax;
+use wordloom::models::{LogitsWanted, SeqInput};
+
+use super::ModelArgs;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt length for the prefill measurement.
+    #[arg(long, default_value_t = 512)]
+    pub prompt_tokens: usize,
+    /// Tokens decoded one at a time after the prompt.
+    #[arg(long, default_value_t = 128)]
+    pub gen_tokens: usize,
+    /// Runs of each measurement; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub repetitions: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Serialize)]
+struct BenchReport {
+    model: String,
+    threads: usize,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    prefill_tokens_per_second: f64,
+    decode_tokens_per_second: f64,
+    load_seconds: f64,
+    peak_rss_bytes: u64,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    anyhow::ensure!(
+        args.prompt_tokens >= 1 && args.gen_tokens >= 1,
+        "--prompt-tokens and --gen-tokens must be at least 1"
+    );
+    anyhow::ensure!(args.repetitions >= 1, "--repetitions must be at least 1");
+    let start = Instant::now();
+    let lm = args.model.load()?;
+    let load_seconds = start.elapsed().as_secs_f64();
+    let model = lm.model.as_ref();
+    let info = model.info();
+    anyhow::ensure!(
+        args.prompt_tokens + args.gen_tokens <= info.context_length,
+        "--prompt-tokens + --gen-tokens exceed the context window of {}",
+        info.context_length
+    );
+    // A deterministic spread of ordinary token ids, like llama-bench's random prompt.
+    let prompt: Vec<u32> = (0..args.prompt_tokens)
+        .map(|i| ((i * 7919 + 13) % (info.vocab_size - 1)) as u32 + 1)
+        .collect();
+    let mut prefill = Vec::new();
+    let mut decode = Vec::new();
+    for _ in 0..args.repetitions {
+        let mut cache = model.new_cache();
+        let t0 = Instant::now();
+        let mut logits = None;
+        for chunk in prompt.chunks(wordloom::generate::PREFILL_CHUNK) {
+            logits = Some(model.forward(&mut [SeqInput {
+                tokens: chunk,
+                cache: &mut cache,
+                logits: LogitsWanted::Last,
+            }])?);
+        }
+        prefill.push(args.prompt_tokens as f64 / t0.elapsed().as_secs_f64());
+        let mut next = argmax(
+            &logits
+                .expect("at least one chunk")
+                .squeeze(0)?
+                .to_vec1::<f32>()?,
+        );
+        let mut cache = model.new_cache();
+        let t0 = Instant::now();
+        for _ in 0..args.gen_tokens {
+            let logits = model.forward(&mut [SeqInput {
+                tokens: &[next],
+                cache: &mut cache,
+                logits: LogitsWanted::Last,
+            }])?;
+            next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
+        }
+        decode.push(args.gen_tokens as f64 / t0.elapsed().as_secs_f64());
+    }
+    let report = BenchReport {
+        model: lm.source.path().display().to_string(),
+        threads: rayon::current_num_threads(),
+        prompt_tokens: args.prompt_tokens,
+        gen_tokens: args.gen_tokens,
+        prefill_tokens_per_second: median(&mut prefill),
+        decode_tokens_per_second: median(&mut decode),
+        load_seconds,
+        peak_rss_bytes: peak_rss_bytes(),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("model    {}", report.model);
+        println!("threads  {}", report.threads);
+        println!(
+            "prefill  {:.1} tokens/s ({} tokens)",
+            report.prefill_tokens_per_second, report.prompt_tokens
+        );
+        println!(
+            "decode   {:.1} tokens/s ({} tokens)",
+            report.decode_tokens_per_second, report.gen_tokens
+        );
+        println!("load     {:.3} s", report.load_seconds);
+        println!(
+            "peak RSS {:.1} MiB",
+            report.peak_rss_bytes as f64 / (1024.0 * 1024.0)
+        );
+    }
+    Ok(())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// VmHWM from /proc (Linux); 0 where unavailable.
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}

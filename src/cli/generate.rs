@@ -1,0 +1,98 @@
+use std::io::Write;
+
+use anyhow::Result;
+use clap::Args;
+use wordloom::generate::{generate, GenerationParams, SamplingParams};
+
+use super::ModelArgs;
+
+/// Sampling and stopping flags shared by `generate` and `chat`.
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    /// Maximum new tokens.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// 0 means greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    /// HF repetition penalty (1 = off).
+    #[arg(long)]
+    pub repeat_penalty: Option<f32>,
+    /// OpenAI presence penalty, in [-2, 2].
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub presence_penalty: f32,
+    /// OpenAI frequency penalty, in [-2, 2].
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub frequency_penalty: f32,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop when this text appears (repeatable); it is not included in the output.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Report log-probabilities with K alternatives per token (--json).
+    #[arg(long, value_name = "K")]
+    pub logprobs: Option<usize>,
+    /// Keep going past end-of-sequence tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> GenerationParams {
+        GenerationParams {
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                repetition_penalty: self.repeat_penalty,
+                presence_penalty: self.presence_penalty,
+                frequency_penalty: self.frequency_penalty,
+                seed: self.seed,
+            },
+            max_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+            logprobs: self.logprobs,
+            ignore_eos: self.ignore_eos,
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The raw prompt.
+    #[arg(long)]
+    pub prompt: String,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print one JSON object instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let params = args.sampling.params();
+    params.validate()?;
+    let lm = args.model.load()?;
+    let prompt_ids = lm.tokenizer.encode(&args.prompt, true)?;
+    if args.json {
+        let completion = generate(&lm, prompt_ids, &params, |_| {})?;
+        println!("{}", serde_json::to_string(&completion)?);
+    } else {
+        let mut out = std::io::stdout().lock();
+        generate(&lm, prompt_ids, &params, |text| {
+            let _ = out.write_all(text.as_bytes());
+            let _ = out.flush();
+        })?;
+        writeln!(out)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! clap subcommands, one file each. They parse, call the library and print; no model logic here.
+
+mod bench;
+mod chat;
+mod fetch;
+mod generate;
+mod perplexity;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use wordloom::weights::packaged::SMOLLM2;
+use wordloom::{LanguageModel, LoadOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "wordloom",
+    version,
+    about = "Run transformer checkpoints (HF layouts and GGUF): generate, chat, perplexity, bench."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Continue a raw prompt (no chat template).
+    Generate(generate::GenerateArgs),
+    /// Chat with an instruction-tuned model (applies its chat template).
+    Chat(chat::ChatArgs),
+    /// Perplexity of a text file.
+    Perplexity(perplexity::PerplexityArgs),
+    /// Measure prefill and decode speed, load time and peak memory.
+    Bench(bench::BenchArgs),
+    /// Fetch the package-shipped default models into the cache.
+    Fetch(fetch::FetchArgs),
+}
+
+/// Options every model-running command takes.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// Model: a directory in HF layout, a .gguf file, or a hub id `org/name[:file.gguf]`.
+    /// Default: SmolLM2-135M-Instruct (Q4_1), fetched on first use.
+    #[arg(short, long)]
+    pub model: Option<String>,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<LanguageModel> {
+        set_threads(self.threads)?;
+        let spec = match &self.model {
+            Some(spec) => spec.clone(),
+            None => {
+                let path = SMOLLM2
+                    .ensure(&mut |msg| eprintln!("{msg}"))
+                    .context("fetching the default model")?;
+                path.to_string_lossy().into_owned()
+            }
+        };
+        Ok(LanguageModel::load(&spec, &LoadOptions::default())?)
+    }
+}
+
+/// Size the worker pools once, before any parallel work starts.
+fn set_threads(threads: Option<usize>) -> Result<()> {
+    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    anyhow::ensure!(n >= 1, "--threads must be at least 1");
+    // candle's CPU kernels read this; rayon's global pool is built to match.
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
+    Ok(())
+}
+
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WORDLOOM_LOG")
+        .unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(args) => generate::run(args),
+        Command::Chat(args) => chat::run(args),
+        Command::Perplexity(args) => perplexity::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Fetch(args) => fetch::run(args),
+    }
+}

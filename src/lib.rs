@@ -1,0 +1,15 @@
+//! wordloom: load transformer checkpoints (Hugging Face layouts and GGUF) and run them —
+//! generation, chat, perplexity — from one Rust library and binary.
+//!
+//! Layers, top to bottom (nothing below imports what is above):
+//! `tasks`/`generate` -> `models` -> `tokenizer` -> `weights`.
+
+pub mod error;
+pub mod generate;
+pub mod models;
+pub mod tasks;
+pub mod tokenizer;
+pub mod weights;
+
+pub use error::{Error, Result};
+pub use models::{CausalLM, LanguageModel, LoadOptions};

@@ -1,0 +1,204 @@
+//! Rotary position embeddings and causal self-attention over a sequence's KV cache,
+//! shared by every decoder family.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::kv_cache::KvCache;
+use crate::error::Result;
+
+/// How rotary embeddings pair up the dimensions of a head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// HF layout: dimension i rotates with i + head_dim/2 (`rotate_half`).
+    Half,
+    /// GGUF llama layout (Q/K rows permuted by the converter): dimension 2i rotates with 2i+1.
+    Interleaved,
+}
+
+/// Inverse frequencies of a rotary embedding, with any context-extension scaling already applied.
+#[derive(Clone, Debug)]
+pub struct Rope {
+    inv_freq: Vec<f32>,
+    style: RopeStyle,
+}
+
+/// `rope_scaling` of config.json.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct RopeScaling {
+    #[serde(alias = "type")]
+    pub rope_type: String,
+    #[serde(default)]
+    pub factor: Option<f32>,
+    #[serde(default)]
+    pub low_freq_factor: Option<f32>,
+    #[serde(default)]
+    pub high_freq_factor: Option<f32>,
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<usize>,
+}
+
+impl Rope {
+    pub fn new(
+        rotary_dim: usize,
+        theta: f32,
+        scaling: Option<&RopeScaling>,
+        style: RopeStyle,
+    ) -> Result<Self> {
+        let mut inv_freq: Vec<f32> = (0..rotary_dim / 2)
+            .map(|i| 1.0 / (theta as f64).powf(2.0 * i as f64 / rotary_dim as f64) as f32)
+            .collect();
+        if let Some(s) = scaling {
+            match s.rope_type.as_str() {
+                "default" => {}
+                "linear" => {
+                    let factor = required(s.factor, "factor")?;
+                    inv_freq.iter_mut().for_each(|f| *f /= factor);
+                }
+                "llama3" => llama3_scale(&mut inv_freq, s)?,
+                other => {
+                    return Err(crate::Error::invalid(format!(
+                        "rope_scaling type `{other}` is not supported (supported: default, linear, llama3)"
+                    )))
+                }
+            }
+        }
+        Ok(Rope { inv_freq, style })
+    }
+
+    /// Divide each frequency by a per-dimension factor (GGUF's `rope_freqs` tensor).
+    pub fn with_frequency_factors(mut self, factors: &[f32]) -> Self {
+        for (f, factor) in self.inv_freq.iter_mut().zip(factors) {
+            *f /= factor;
+        }
+        self
+    }
+
+    /// cos and sin tables, each (t, rotary_dim/2), for positions start..start+t.
+    pub fn tables(&self, start: usize, t: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for pos in start..start + t {
+            for &f in &self.inv_freq {
+                let angle = pos as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok((
+            Tensor::from_vec(cos, (t, half), device)?,
+            Tensor::from_vec(sin, (t, half), device)?,
+        ))
+    }
+
+    /// Rotate x of shape (heads, t, head_dim) with tables from `tables`.
+    pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let x = x.unsqueeze(0)?.contiguous()?;
+        let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
+        let y = match self.style {
+            RopeStyle::Half => candle_nn::rotary_emb::rope(&x, &cos, &sin)?,
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?,
+        };
+        Ok(y.squeeze(0)?)
+    }
+}
+
+fn required(value: Option<f32>, name: &str) -> Result<f32> {
+    value.ok_or_else(|| crate::Error::invalid(format!("rope_scaling is missing `{name}`")))
+}
+
+/// Llama 3.1's frequency-dependent scaling: long wavelengths are stretched, short ones kept.
+fn llama3_scale(inv_freq: &mut [f32], s: &RopeScaling) -> Result<()> {
+    let factor = required(s.factor, "factor")?;
+    let low = required(s.low_freq_factor, "low_freq_factor")?;
+    let high = required(s.high_freq_factor, "high_freq_factor")?;
+    let original = s.original_max_position_embeddings.ok_or_else(|| {
+        crate::Error::invalid("rope_scaling is missing `original_max_position_embeddings`")
+    })? as f32;
+    let low_wavelen = original / low;
+    let high_wavelen = original / high;
+    for f in inv_freq.iter_mut() {
+        let wavelen = 2.0 * std::f32::consts::PI / *f;
+        if wavelen < high_wavelen {
+            continue;
+        }
+        if wavelen > low_wavelen {
+            *f /= factor;
+        } else {
+            let smooth = (original / wavelen - low) / (high - low);
+            *f = (1.0 - smooth) * *f / factor + smooth * *f;
+        }
+    }
+    Ok(())
+}
+
+/// Causal attention of `t` new positions of one sequence.
+/// q: (heads, t, head_dim); k, v: (kv_heads, t, head_dim), already rotated. Appends k, v to the
+/// cache at `layer` and returns (t, heads * head_dim).
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cache: &mut KvCache,
+    layer: usize,
+    window: Option<usize>,
+) -> Result<Tensor> {
+    let (heads, t, head_dim) = q.dims3()?;
+    let kv_heads = k.dim(0)?;
+    let past = cache.len();
+    let (keys, values) = cache.append(layer, k, v)?;
+    let total = past + t;
+    let group = heads / kv_heads;
+    // Heads sharing a kv head are adjacent, so grouping them as extra query rows avoids copying K/V.
+    let q = q.contiguous()?.reshape((kv_heads, group * t, head_dim))?;
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let scores = (q.matmul(&keys.t()?)? * scale)?; // (kv_heads, group*t, total)
+    let scores = if t > 1 || window.is_some_and(|w| w < total) {
+        let mask = causal_mask(t, past, window, scores.dtype(), scores.device())?; // (t, total)
+        scores
+            .reshape((kv_heads, group, t, total))?
+            .broadcast_add(&mask)?
+            .reshape((kv_heads, group * t, total))?
+    } else {
+        scores
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let out = probs.matmul(&values.contiguous()?)?; // (kv_heads, group*t, head_dim)
+    Ok(out
+        .reshape((heads, t, head_dim))?
+        .transpose(0, 1)?
+        .reshape((t, heads * head_dim))?)
+}
+
+/// Additive mask (t, past + t): query i (at position past + i) sees keys at positions
+/// <= past + i, and with a window only the last `window` of those.
+fn causal_mask(
+    t: usize,
+    past: usize,
+    window: Option<usize>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let total = past + t;
+    let mut mask = vec![0f32; t * total];
+    for i in 0..t {
+        let pos = past + i;
+        for j in 0..total {
+            let too_new = j > pos;
+            let too_old = window.is_some_and(|w| pos >= w && j <= pos - w);
+            if too_new || too_old {
+                mask[i * total + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Ok(Tensor::from_vec(mask, (t, total), device)?.to_dtype(dtype)?)
+}
+
+/// Log-softmax over the last dimension, computed in f32.
+pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
+    let logits = logits.to_dtype(DType::F32)?;
+    let max = logits.max_keepdim(D::Minus1)?;
+    let shifted = logits.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    Ok(shifted.broadcast_sub(&lse)?)
+}

@@ -1,0 +1,241 @@
+//! GPT-2: learned absolute positions, pre-LayerNorm blocks of fused-QKV attention and a GELU MLP.
+//! HF stores its projections as `Conv1D`, i.e. weights of shape (in, out).
+
+use candle_core::{DType, Device, Tensor};
+
+use super::attention::causal_attention;
+use super::kv_cache::KvCache;
+use super::{CausalLM, ModelInfo, SeqInput};
+use crate::error::{Error, Result};
+use crate::weights::{Embedding, Linear, LinearWeight, WeightStore};
+
+/// config.json of a GPT-2 checkpoint.
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct Gpt2Config {
+    pub vocab_size: usize,
+    pub n_positions: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    #[serde(default)]
+    pub n_inner: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub layer_norm_epsilon: f64,
+    #[serde(default = "default_activation")]
+    pub activation_function: String,
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_activation() -> String {
+    "gelu_new".into()
+}
+
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    fn load(
+        w: &WeightStore,
+        name: &str,
+        size: usize,
+        eps: f64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: w.tensor(&format!("{name}.weight"), &[size], dtype, device)?,
+            bias: w.tensor(&format!("{name}.bias"), &[size], dtype, device)?,
+            eps: eps as f32,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(
+            x,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
+    }
+}
+
+/// A `Conv1D` (weight (in, out) + bias) as an ordinary linear layer.
+fn conv1d(
+    w: &WeightStore,
+    name: &str,
+    inp: usize,
+    out: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Linear> {
+    let weight = w
+        .tensor(&format!("{name}.weight"), &[inp, out], dtype, device)?
+        .t()?
+        .contiguous()?;
+    let bias = w.tensor(&format!("{name}.bias"), &[out], dtype, device)?;
+    Ok(Linear::new(
+        LinearWeight::Dense(weight),
+        Some(bias),
+        inp,
+        out,
+    ))
+}
+
+struct Block {
+    ln_1: LayerNorm,
+    c_attn: Linear,
+    attn_proj: Linear,
+    ln_2: LayerNorm,
+    c_fc: Linear,
+    mlp_proj: Linear,
+}
+
+/// A GPT-2 decoder.
+pub struct Gpt2 {
+    wte: Embedding,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    lm_head: Linear,
+    heads: usize,
+    info: ModelInfo,
+    dtype: DType,
+    device: Device,
+}
+
+impl Gpt2 {
+    pub fn load(cfg: &Gpt2Config, w: &WeightStore, dtype: DType, device: &Device) -> Result<Self> {
+        if cfg.activation_function != "gelu_new" && cfg.activation_function != "gelu_pytorch_tanh" {
+            return Err(Error::file(
+                w.path(),
+                format!(
+                    "GPT-2 activation `{}` is not supported (supported: gelu_new)",
+                    cfg.activation_function
+                ),
+            ));
+        }
+        // Checkpoints saved from GPT2LMHeadModel prefix names with `transformer.`; GPT2Model's do not.
+        let p = if w.contains("transformer.wte.weight") {
+            "transformer."
+        } else {
+            ""
+        };
+        let (d, eps) = (cfg.n_embd, cfg.layer_norm_epsilon);
+        let inner = cfg.n_inner.unwrap_or(4 * d);
+        let wte = w.embedding(&format!("{p}wte.weight"), cfg.vocab_size, d, dtype, device)?;
+        let wpe = w.tensor(
+            &format!("{p}wpe.weight"),
+            &[cfg.n_positions, d],
+            dtype,
+            device,
+        )?;
+        let blocks = (0..cfg.n_layer)
+            .map(|i| {
+                let b = format!("{p}h.{i}");
+                Ok(Block {
+                    ln_1: LayerNorm::load(w, &format!("{b}.ln_1"), d, eps, dtype, device)?,
+                    c_attn: conv1d(w, &format!("{b}.attn.c_attn"), d, 3 * d, dtype, device)?,
+                    attn_proj: conv1d(w, &format!("{b}.attn.c_proj"), d, d, dtype, device)?,
+                    ln_2: LayerNorm::load(w, &format!("{b}.ln_2"), d, eps, dtype, device)?,
+                    c_fc: conv1d(w, &format!("{b}.mlp.c_fc"), d, inner, dtype, device)?,
+                    mlp_proj: conv1d(w, &format!("{b}.mlp.c_proj"), inner, d, dtype, device)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let ln_f = LayerNorm::load(w, &format!("{p}ln_f"), d, eps, dtype, device)?;
+        let lm_head = WeightStore::tied_linear(&wte, cfg.vocab_size, d)?;
+        let info = ModelInfo {
+            architecture: "gpt2".into(),
+            vocab_size: cfg.vocab_size,
+            context_length: cfg.n_positions,
+            num_layers: cfg.n_layer,
+            kv_heads: cfg.n_head,
+            head_dim: d / cfg.n_head,
+        };
+        Ok(Gpt2 {
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            lm_head,
+            heads: cfg.n_head,
+            info,
+            dtype,
+            device: device.clone(),
+        })
+    }
+}
+
+impl CausalLM for Gpt2 {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(
+            self.info.num_layers,
+            self.heads,
+            self.info.head_dim,
+            self.dtype,
+            &self.device,
+        )
+    }
+
+    fn forward(&self, batch: &mut [SeqInput<'_>]) -> Result<Tensor> {
+        let ids = super::packed_ids(batch, &self.info, &self.device)?;
+        let positions: Vec<u32> = batch
+            .iter()
+            .flat_map(|s| (s.cache.len()..s.cache.len() + s.tokens.len()).map(|p| p as u32))
+            .collect();
+        let positions = Tensor::new(positions, &self.device)?;
+        let mut x = (self.wte.forward(&ids)?.to_dtype(self.dtype)?
+            + self.wpe.index_select(&positions, 0)?)?; // (n, d)
+        let (d, head_dim) = (self.info.head_dim * self.heads, self.info.head_dim);
+        for (index, block) in self.blocks.iter().enumerate() {
+            let qkv = block.c_attn.forward(&block.ln_1.forward(&x)?)?; // (n, 3d)
+            let mut outputs = Vec::with_capacity(batch.len());
+            let mut offset = 0;
+            for seq in batch.iter_mut() {
+                let t = seq.tokens.len();
+                let part = |i: usize| -> Result<Tensor> {
+                    Ok(qkv
+                        .narrow(0, offset, t)?
+                        .narrow(1, i * d, d)?
+                        .reshape((t, self.heads, head_dim))?
+                        .transpose(0, 1)?
+                        .contiguous()?)
+                };
+                outputs.push(causal_attention(
+                    &part(0)?,
+                    &part(1)?,
+                    &part(2)?,
+                    seq.cache,
+                    index,
+                    None,
+                )?);
+                offset += t;
+            }
+            let attended = if outputs.len() == 1 {
+                outputs.pop().expect("one output")
+            } else {
+                Tensor::cat(&outputs, 0)?
+            };
+            x = (x + block.attn_proj.forward(&attended)?)?;
+            let h = block.c_fc.forward(&block.ln_2.forward(&x)?)?.gelu()?;
+            x = (x + block.mlp_proj.forward(&h)?)?;
+        }
+        for seq in batch.iter_mut() {
+            seq.cache.advance(seq.tokens.len());
+        }
+        let x = super::select_logit_rows(&x, batch)?;
+        Ok(self
+            .lm_head
+            .forward(&self.ln_f.forward(&x)?)?
+            .to_dtype(DType::F32)?)
+    }
+}

