@@ -1,0 +1,157 @@
+//! The binary's contract for bad input: a one-line error naming the problem and a non-zero
+//! exit, never a panic or a hang.
+
+mod common;
+
+use std::process::Command;
+
+use common::fixture;
+
+fn wordloom(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_wordloom")).args(args).output().expect("run wordloom");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn assert_fails_with(args: &[&str], needle: &str) {
+    let (ok, _, stderr) = wordloom(args);
+    assert!(!ok, "{args:?} should fail");
+    assert!(stderr.contains(needle), "{args:?}: stderr should mention {needle:?}, got: {stderr}");
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+}
+
+fn tiny() -> String {
+    fixture("tiny-llama").to_string_lossy().into_owned()
+}
+
+#[test]
+fn missing_model_path_is_named() {
+    assert_fails_with(&["generate", "-m", "/no/such/model", "--prompt", "hi"], "/no/such/model");
+}
+
+#[test]
+fn directory_without_config_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_fails_with(&["generate", "-m", dir.path().to_str().unwrap(), "--prompt", "hi"], "no config.json");
+}
+
+#[test]
+fn unknown_architecture_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), r#"{"model_type": "mamba9000"}"#).unwrap();
+    std::fs::copy(fixture("tiny-llama/model.safetensors"), dir.path().join("model.safetensors")).unwrap();
+    assert_fails_with(&["generate", "-m", dir.path().to_str().unwrap(), "--prompt", "hi"], "mamba9000");
+}
+
+#[test]
+fn truncated_safetensors_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture(&format!("tiny-llama/{f}")), dir.path().join(f)).unwrap();
+    }
+    let bytes = std::fs::read(fixture("tiny-llama/model.safetensors")).unwrap();
+    std::fs::write(dir.path().join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    assert_fails_with(&["generate", "-m", dir.path().to_str().unwrap(), "--prompt", "hi"], "safetensors");
+}
+
+#[test]
+fn truncated_and_corrupt_gguf_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let corrupt = dir.path().join("corrupt.gguf");
+    std::fs::write(&corrupt, b"GGUF\x03\x00\x00\x00garbage").unwrap();
+    assert_fails_with(&["generate", "-m", corrupt.to_str().unwrap(), "--prompt", "hi"], "corrupt.gguf");
+    let not_gguf = dir.path().join("weights.bin");
+    std::fs::write(&not_gguf, b"hello").unwrap();
+    assert_fails_with(&["generate", "-m", not_gguf.to_str().unwrap(), "--prompt", "hi"], "not a GGUF file");
+}
+
+#[test]
+fn missing_tokenizer_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture(&format!("tiny-llama/{f}")), dir.path().join(f)).unwrap();
+    }
+    assert_fails_with(&["generate", "-m", dir.path().to_str().unwrap(), "--prompt", "hi"], "tokenizer missing");
+}
+
+#[test]
+fn bad_sampling_values_are_rejected() {
+    let m = tiny();
+    assert_fails_with(&["generate", "-m", &m, "--prompt", "hi", "--temperature", "-1"], "temperature");
+    assert_fails_with(&["generate", "-m", &m, "--prompt", "hi", "--top-p", "0"], "top-p");
+    assert_fails_with(&["generate", "-m", &m, "--prompt", "hi", "--top-p", "1.5"], "top-p");
+    assert_fails_with(&["generate", "-m", &m, "--prompt", "hi", "--max-tokens", "0"], "max tokens");
+}
+
+#[test]
+fn prompt_longer_than_the_context_is_rejected() {
+    // tiny-llama has a context window of 128 positions.
+    let long = "word ".repeat(400);
+    assert_fails_with(&["generate", "-m", &tiny(), "--prompt", &long], "context window");
+}
+
+#[test]
+fn generate_json_has_the_documented_fields() {
+    let (ok, stdout, stderr) =
+        wordloom(&["generate", "-m", &tiny(), "--prompt", "Hello", "--max-tokens", "5", "--ignore-eos", "--logprobs", "3", "--json", "--threads", "1"]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["token_ids"].as_array().unwrap().len(), 5);
+    assert_eq!(v["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+    assert_eq!(v["usage"]["prompt_tokens"].as_u64().unwrap() as usize, v["prompt_token_ids"].as_array().unwrap().len());
+    assert!(v["timings"]["decode_tokens_per_second"].as_f64().unwrap() > 0.0);
+    let logprobs = v["logprobs"].as_array().unwrap();
+    assert_eq!(logprobs.len(), 5);
+    assert_eq!(logprobs[0]["top"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn same_seed_gives_the_same_sample() {
+    let run = |seed: &str| {
+        let (ok, stdout, stderr) = wordloom(&[
+            "generate", "-m", &tiny(), "--prompt", "Once", "--max-tokens", "12", "--temperature", "1.0", "--top-p", "0.9", "--seed", seed,
+            "--ignore-eos", "--json",
+        ]);
+        assert!(ok, "{stderr}");
+        serde_json::from_str::<serde_json::Value>(stdout.trim()).unwrap()["token_ids"].clone()
+    };
+    assert_eq!(run("42"), run("42"));
+    assert_ne!(run("42"), run("43"));
+}
+
+#[test]
+fn stop_strings_end_generation_and_are_not_printed() {
+    // Greedy text of tiny-gpt2 for this prompt is known from the fixture; stop at a piece of it.
+    let reference = common::read_json("tiny-gpt2/reference.json");
+    let case = &reference["cases"][0];
+    let prompt = case["prompt"].as_str().unwrap();
+    let full = {
+        let (ok, stdout, stderr) =
+            wordloom(&["generate", "-m", fixture("tiny-gpt2").to_str().unwrap(), "--prompt", prompt, "--max-tokens", "20", "--ignore-eos", "--json"]);
+        assert!(ok, "{stderr}");
+        serde_json::from_str::<serde_json::Value>(stdout.trim()).unwrap()["text"].as_str().unwrap().to_string()
+    };
+    let cut: String = full.chars().skip(3).take(2).collect();
+    let expected = &full[..full.find(&cut).unwrap()];
+    let (ok, stdout, stderr) = wordloom(&[
+        "generate", "-m", fixture("tiny-gpt2").to_str().unwrap(), "--prompt", prompt, "--max-tokens", "20", "--ignore-eos", "--stop", &cut, "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["text"].as_str().unwrap(), expected);
+    assert_eq!(v["finish_reason"], "stop");
+}
+
+#[test]
+fn perplexity_json_reports_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("t.txt");
+    std::fs::write(&file, "The quick brown fox jumps over the lazy dog. ".repeat(4)).unwrap();
+    let (ok, stdout, stderr) = wordloom(&["perplexity", "-m", &tiny(), "--file", file.to_str().unwrap(), "--ctx", "16", "--json"]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let tokens = v["tokens"].as_u64().unwrap();
+    let windows = tokens.div_ceil(16);
+    assert_eq!(v["scored"].as_u64().unwrap(), tokens - windows);
+    assert!(v["perplexity"].as_f64().unwrap() > 1.0);
+}
