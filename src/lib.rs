@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod generate;
+pub mod kernels;
 pub mod models;
 pub mod tasks;
 pub mod tokenizer;

