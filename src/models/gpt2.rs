@@ -198,10 +198,8 @@ impl CausalLM for Gpt2 {
         let (d, head_dim) = (self.info.head_dim * self.heads, self.info.head_dim);
         for (index, block) in self.blocks.iter().enumerate() {
             let qkv = block.c_attn.forward(&block.ln_1.forward(&x)?)?; // (n, 3d)
-            let mut outputs = Vec::with_capacity(batch.len());
-            let mut offset = 0;
-            for seq in batch.iter_mut() {
-                let t = seq.tokens.len();
+            let attended = super::per_sequence(batch, |_, offset, t, cache| {
+                // (t, 3d) -> q, k, v each (heads, t, head_dim)
                 let part = |i: usize| -> Result<Tensor> {
                     Ok(qkv
                         .narrow(0, offset, t)?
@@ -210,29 +208,13 @@ impl CausalLM for Gpt2 {
                         .transpose(0, 1)?
                         .contiguous()?)
                 };
-                outputs.push(causal_attention(
-                    &part(0)?,
-                    &part(1)?,
-                    &part(2)?,
-                    seq.cache,
-                    index,
-                    None,
-                )?);
-                offset += t;
-            }
-            let attended = if outputs.len() == 1 {
-                outputs.pop().expect("one output")
-            } else {
-                Tensor::cat(&outputs, 0)?
-            };
+                causal_attention(&part(0)?, &part(1)?, &part(2)?, cache, index, None)
+            })?;
             x = (x + block.attn_proj.forward(&attended)?)?;
             let h = block.c_fc.forward(&block.ln_2.forward(&x)?)?.gelu()?;
             x = (x + block.mlp_proj.forward(&h)?)?;
         }
-        for seq in batch.iter_mut() {
-            seq.cache.advance(seq.tokens.len());
-        }
-        let x = super::select_logit_rows(&x, batch)?;
+        let x = super::finish_batch(&x, batch)?;
         Ok(self
             .lm_head
             .forward(&self.ln_f.forward(&x)?)?

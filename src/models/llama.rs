@@ -24,10 +24,13 @@ pub struct LlamaConfig {
     pub head_dim: Option<usize>,
     #[serde(default = "default_rms_eps")]
     pub rms_norm_eps: f64,
-    #[serde(default = "default_rope_theta")]
-    pub rope_theta: f32,
+    #[serde(default)]
+    pub rope_theta: Option<f32>,
     #[serde(default)]
     pub rope_scaling: Option<RopeScaling>,
+    /// transformers >= 5 writes `rope_theta` and the scaling here instead.
+    #[serde(default)]
+    pub rope_parameters: Option<serde_json::Value>,
     #[serde(default = "default_max_positions")]
     pub max_position_embeddings: usize,
     pub vocab_size: usize,
@@ -50,9 +53,6 @@ fn default_model_type() -> String {
 fn default_rms_eps() -> f64 {
     1e-6
 }
-fn default_rope_theta() -> f32 {
-    10_000.0
-}
 fn default_max_positions() -> usize {
     2048
 }
@@ -65,6 +65,31 @@ impl LlamaConfig {
     fn head_dim(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    fn rope_theta(&self) -> f32 {
+        let nested = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.get("rope_theta")?.as_f64());
+        self.rope_theta
+            .or(nested.map(|t| t as f32))
+            .unwrap_or(10_000.0)
+    }
+
+    fn rope_scaling(&self) -> Result<Option<RopeScaling>> {
+        if self.rope_scaling.is_some() {
+            return Ok(self.rope_scaling.clone());
+        }
+        let Some(params) = &self.rope_parameters else {
+            return Ok(None);
+        };
+        if params.get("rope_type").is_none() && params.get("type").is_none() {
+            return Ok(None);
+        }
+        serde_json::from_value(params.clone())
+            .map(Some)
+            .map_err(|e| Error::invalid(format!("config rope_parameters: {e}")))
     }
 
     /// Qwen2 always has q/k/v biases; Llama has them only with `attention_bias`.
@@ -103,10 +128,9 @@ impl LlamaConfig {
                 .map(|v| v as usize),
             head_dim: key_length,
             rms_norm_eps: gguf.get_f32(&key("attention.layer_norm_rms_epsilon"))? as f64,
-            rope_theta: gguf
-                .opt(&key("rope.freq_base"), GgufFile::get_f32)?
-                .unwrap_or(10_000.0),
+            rope_theta: gguf.opt(&key("rope.freq_base"), GgufFile::get_f32)?,
             rope_scaling: None,
+            rope_parameters: None,
             max_position_embeddings: gguf
                 .opt(&key("context_length"), GgufFile::get_u32)?
                 .map_or(2048, |v| v as usize),
@@ -278,8 +302,8 @@ impl Llama {
         };
         let mut rope = Rope::new(
             head_dim,
-            cfg.rope_theta,
-            cfg.rope_scaling.as_ref(),
+            cfg.rope_theta(),
+            cfg.rope_scaling()?.as_ref(),
             rope_style,
         )?;
         if w.contains("rope_freqs.weight") {
@@ -343,10 +367,8 @@ impl CausalLM for Llama {
                 attn.k_proj.forward(&h)?,
                 attn.v_proj.forward(&h)?,
             );
-            let mut outputs = Vec::with_capacity(batch.len());
-            let mut offset = 0;
-            for (seq, (cos, sin)) in batch.iter_mut().zip(&tables) {
-                let t = seq.tokens.len();
+            let attended = super::per_sequence(batch, |i, offset, t, cache| {
+                let (cos, sin) = &tables[i];
                 // (t, heads*head_dim) -> (heads, t, head_dim)
                 let split = |x: &Tensor, n: usize| -> Result<Tensor> {
                     Ok(x.narrow(0, offset, t)?
@@ -356,23 +378,48 @@ impl CausalLM for Llama {
                 let q = self.rope.apply(&split(&q, attn.heads)?, cos, sin)?;
                 let k = self.rope.apply(&split(&k, attn.kv_heads)?, cos, sin)?;
                 let v = split(&v, attn.kv_heads)?;
-                outputs.push(causal_attention(&q, &k, &v, seq.cache, index, self.window)?);
-                offset += t;
-            }
-            let attended = if outputs.len() == 1 {
-                outputs.pop().expect("one output")
-            } else {
-                Tensor::cat(&outputs, 0)?
-            };
+                causal_attention(&q, &k, &v, cache, index, self.window)
+            })?;
             x = (x + attn.o_proj.forward(&attended)?)?;
             let h = layer.post_attention_layernorm.forward(&x)?;
             x = (x + layer.mlp.forward(&h)?)?;
         }
-        for seq in batch.iter_mut() {
-            seq.cache.advance(seq.tokens.len());
-        }
-        let x = super::select_logit_rows(&x, batch)?;
+        let x = super::finish_batch(&x, batch)?;
         let logits = self.lm_head.forward(&self.norm.forward(&x)?)?;
         Ok(logits.to_dtype(DType::F32)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LlamaConfig;
+
+    fn config(extra: &str) -> LlamaConfig {
+        let json = format!(
+            r#"{{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "vocab_size": 10 {extra}}}"#
+        );
+        serde_json::from_str(&json).unwrap()
+    }
+
+    #[test]
+    fn rope_settings_are_read_from_both_config_layouts() {
+        assert_eq!(config("").rope_theta(), 10_000.0);
+        assert_eq!(
+            config(r#", "rope_theta": 100000.0"#).rope_theta(),
+            100_000.0
+        );
+        let v5 = config(
+            r#", "rope_parameters": {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}"#,
+        );
+        assert_eq!(v5.rope_theta(), 500_000.0);
+        assert_eq!(v5.rope_scaling().unwrap().unwrap().rope_type, "llama3");
+        let plain_v5 =
+            config(r#", "rope_parameters": {"rope_theta": 1000.0, "rope_type": "default"}"#);
+        assert_eq!(
+            plain_v5.rope_scaling().unwrap().unwrap().rope_type,
+            "default"
+        );
     }
 }

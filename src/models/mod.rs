@@ -84,8 +84,35 @@ pub(crate) fn packed_ids(
     Ok(Tensor::new(ids, device)?)
 }
 
+/// Run `attend(i, row_offset, t, cache)` for each sequence `i` of the batch (its `t` new rows start
+/// at `row_offset` of the packed activations) and stack the results in batch order.
+pub(crate) fn per_sequence(
+    batch: &mut [SeqInput<'_>],
+    mut attend: impl FnMut(usize, usize, usize, &mut KvCache) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let mut outputs = Vec::with_capacity(batch.len());
+    let mut offset = 0;
+    for (i, seq) in batch.iter_mut().enumerate() {
+        let t = seq.tokens.len();
+        outputs.push(attend(i, offset, t, seq.cache)?);
+        offset += t;
+    }
+    if outputs.len() == 1 {
+        return Ok(outputs.pop().expect("one sequence"));
+    }
+    Ok(Tensor::cat(&outputs, 0)?)
+}
+
+/// After the last layer: commit the new positions to every cache and keep the rows whose logits are wanted.
+pub(crate) fn finish_batch(x: &Tensor, batch: &mut [SeqInput<'_>]) -> Result<Tensor> {
+    for seq in batch.iter_mut() {
+        seq.cache.advance(seq.tokens.len());
+    }
+    select_logit_rows(x, batch)
+}
+
 /// Keep the hidden-state rows whose logits are wanted, so the vocabulary projection runs only on those.
-pub(crate) fn select_logit_rows(x: &Tensor, batch: &[SeqInput<'_>]) -> Result<Tensor> {
+fn select_logit_rows(x: &Tensor, batch: &[SeqInput<'_>]) -> Result<Tensor> {
     if batch.iter().all(|s| s.logits == LogitsWanted::All) {
         return Ok(x.clone());
     }

@@ -193,31 +193,25 @@ impl GgufFile {
     }
 
     pub fn get_str_array(&self, key: &str) -> Result<Vec<String>> {
-        let values = self
-            .value(key)?
-            .to_vec()
-            .map_err(|e| Error::file(&self.path, format!("metadata `{key}`: {e}")))?;
-        values
-            .iter()
-            .map(|v| {
-                v.to_string()
-                    .cloned()
-                    .map_err(|e| Error::file(&self.path, format!("metadata `{key}`: {e}")))
-            })
-            .collect()
+        self.get_array(key, |v| v.to_string().cloned())
     }
 
     pub fn get_i32_array(&self, key: &str) -> Result<Vec<i32>> {
-        let values = self
-            .value(key)?
+        self.get_array(key, Value::to_i32)
+    }
+
+    fn get_array<T>(
+        &self,
+        key: &str,
+        convert: impl Fn(&Value) -> candle_core::Result<T>,
+    ) -> Result<Vec<T>> {
+        let malformed =
+            |e: candle_core::Error| Error::file(&self.path, format!("metadata `{key}`: {e}"));
+        self.value(key)?
             .to_vec()
-            .map_err(|e| Error::file(&self.path, format!("metadata `{key}`: {e}")))?;
-        values
+            .map_err(malformed)?
             .iter()
-            .map(|v| {
-                v.to_i32()
-                    .map_err(|e| Error::file(&self.path, format!("metadata `{key}`: {e}")))
-            })
+            .map(|v| convert(v).map_err(malformed))
             .collect()
     }
 

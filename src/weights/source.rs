@@ -41,7 +41,7 @@ impl ModelSource {
         if path.join("config.json").is_file() {
             return Ok(ModelSource::HfDir(path.to_path_buf()));
         }
-        let ggufs = gguf_files_in(path)?;
+        let ggufs = files_with_extension(path, "gguf")?;
         match ggufs.as_slice() {
             [only] => Ok(ModelSource::Gguf(only.clone())),
             [] => Err(Error::file(
@@ -76,11 +76,12 @@ fn is_gguf(path: &Path) -> Result<bool> {
     }
 }
 
-fn gguf_files_in(dir: &Path) -> Result<Vec<PathBuf>> {
+/// The files in `dir` with extension `ext`, sorted.
+pub(crate) fn files_with_extension(dir: &Path, ext: &str) -> Result<Vec<PathBuf>> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|ext| ext == "gguf"))
+        .filter(|p| p.extension().is_some_and(|x| x == ext))
         .collect();
     found.sort();
     Ok(found)

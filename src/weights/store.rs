@@ -60,13 +60,7 @@ impl WeightStore {
                 .map(|n| dir.join(n))
                 .collect()
         } else {
-            let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
-                .map_err(|e| Error::io(dir, e))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-                .collect();
-            found.sort();
-            found
+            super::source::files_with_extension(dir, "safetensors")?
         };
         if files.is_empty() {
             return Err(Error::file(
