@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark in one run, same files, same thread count (results go to BENCHMARKS.md).
+#   scripts/bench.sh                      wordloom vs llama.cpp on SmolLM2 Q4_1 (GGUF)
+#   PYTHON=/path/to/python scripts/bench.sh   also f32 safetensors vs PyTorch transformers
+# LLAMA_BENCH: path to a llama-bench binary you built yourself from llama.cpp's source.
+# Set THREADS (default 2) and ROUNDS (default 2: the peers alternate, so a noisy neighbour hits both).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export WORDLOOM_CACHE="${WORDLOOM_CACHE:-$PWD/.cache}"
+THREADS="${THREADS:-2}"
+ROUNDS="${ROUNDS:-2}"
+cargo build --release --quiet
+W=./target/release/wordloom
+GGUF=$($W fetch smollm2 | cut -f2)
+peak() { /usr/bin/time -f '%M' "$@" 2>&1 >/dev/null | tail -n 1; } # peak RSS in KiB
+
+for round in $(seq "$ROUNDS"); do
+  echo "== round $round, $THREADS threads"
+  $W bench -m "$GGUF" --threads "$THREADS" --prompt-tokens 512 --gen-tokens 128 --repetitions 3 --json
+  if [ -n "${LLAMA_BENCH:-}" ]; then
+    "$LLAMA_BENCH" -m "$GGUF" -p 512 -n 128 -t "$THREADS" -r 3 -o json 2>/dev/null |
+      python3 -c 'import json,sys; print(json.dumps({r["n_prompt"] and "llama.cpp prefill_tokens_per_second" or "llama.cpp decode_tokens_per_second": r["avg_ts"] for r in json.load(sys.stdin)}))'
+    echo "{\"llama.cpp peak_rss_kib\": $(peak "$LLAMA_BENCH" -m "$GGUF" -p 512 -n 128 -t "$THREADS" -r 1)}"
+  fi
+  if [ -n "${PYTHON:-}" ]; then
+    F32="$WORDLOOM_CACHE/models/SmolLM2-135M-Instruct-f32"
+    [ -d "$F32" ] || "$PYTHON" scripts/bench_transformers.py export --gguf "$GGUF" --out "$F32" >&2
+    $W bench -m "$F32" --threads "$THREADS" --prompt-tokens 512 --gen-tokens 128 --repetitions 3 --json
+    "$PYTHON" scripts/bench_transformers.py bench --model "$F32" --threads "$THREADS" --prompt-tokens 512 --gen-tokens 128 --repetitions 3 --json
+  fi
+done
