@@ -3,7 +3,7 @@
 
 Run by hand from anywhere:
 
-    /opt/wlpy/bin/python scripts/make_fixtures.py [--gguf PATH] [--skip-tiny] [--skip-smollm]
+    /opt/wlpy/bin/python scripts/make_fixtures.py [--gguf PATH] [--skip-tiny] [--skip-smollm] [--only-spm]
 
 Needs: torch, transformers (>= 5), tokenizers, gguf, safetensors, numpy.
 
@@ -20,6 +20,10 @@ Outputs (all under tests/fixtures/, regenerated from scratch, deterministic):
   smollm2/          tokenize.json, chat_template.json, ppl.txt, perplexity.json,
                     logits.json for SmolLM2-135M-Instruct (GGUF, dequantized by
                     transformers to f32). No weights are written.
+  spm-gguf/         tokenizer.gguf (metadata only, no tensors) holding a tiny
+                    llama-style SentencePiece BPE vocab (byte_fallback, split_digits)
+                    trained here, plus tokenize.json with transformers' ids for it.
+                    --only-spm builds just this directory (needs sentencepiece).
 
 Greedy convention for every `greedy_ids` here: pure argmax over the full logits
 row, EOS is NOT a stop condition (generate() is called with eos_token_id=None),
@@ -975,11 +979,188 @@ def build_smollm(gguf_path):
     )
 
 
+# --------------------------------------------------------------------------
+# llama-style SentencePiece tokenizer rebuilt from GGUF metadata
+# --------------------------------------------------------------------------
+
+# Training text for the tiny SentencePiece BPE: English prose written for this
+# fixture plus accents and a little CJK (so some CJK pieces exist; the test
+# strings use other CJK characters that must fall back to <0xXX> bytes).
+SPM_TRAIN_TEXT = """The little train left the station just after seven in the morning. It carried farmers, teachers,
+two sleepy students and a dog that belonged to nobody in particular. The conductor walked slowly
+along the carriages, punching tickets and talking about the weather, which was grey and cold again.
+
+By nine the train had reached the river. The water was high after the rain, and the old bridge
+shook a little as the carriages rolled across it. Nobody seemed worried; they had crossed it a
+thousand times before, and the bridge had always held.
+
+In the afternoon the sun came out at last. The students woke up, the farmers opened their baskets
+of bread and cheese, and the dog was given more than its share. Somebody started to sing, and
+soon the whole carriage was singing the same old song about home.
+
+Numbers matter too: 12 apples, 345 pears, 2024 tickets, 7 stations and 3.14159 kilometres of track.
+Caf\u00e9, na\u00efve, r\u00e9sum\u00e9, fa\u00e7ade, \u00e9l\u00e8ve, \u00fcber, se\u00f1or, Z\u00fcrich, \u00c5ngstr\u00f6m.
+\u6771\u4eac\u3068\u5927\u962a\u306f\u65e5\u672c\u306e\u90fd\u5e02\u3067\u3059\u3002\u6771\u4eac\u306f\u5927\u304d\u3044\u3002
+"""
+
+SPM_TOKENIZE = [
+    "Hello world",
+    "The little train left the station.",
+    " leading space",
+    "   three leading spaces",
+    "trailing spaces   ",
+    "a    b     c",
+    "line1\nline2\n\nline3",
+    "\n",
+    " ",
+    "\tTabs\tand spaces",
+    "caf\u00e9 na\u00efve Z\u00fcrich",
+    "cafe\u0301 (decomposed accent)",
+    "\u6771\u4eac\u306f\u5927\u304d\u3044",
+    "\u4e2d\u6587\u6d4b\u8bd5\uff0c\u4f60\u597d\u3002",
+    "emoji \U0001F600\U0001F44D",
+    "12345 and 3.14159",
+    "The year 2024 had 366 days.",
+    "<s> literal bos in text",
+    "text</s>more",
+    "don't stop",
+    "",
+]
+
+
+def spm_train():
+    """Train a tiny llama-style SentencePiece BPE model; returns the serialized ModelProto."""
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    lines = [l for l in SPM_TRAIN_TEXT.split("\n") if l.strip()]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=buf,
+        model_type="bpe",
+        vocab_size=384,
+        byte_fallback=True,
+        split_digits=True,
+        character_coverage=1.0,
+        # the llama tokenizer.model settings
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        allow_whitespace_only_pieces=True,
+        split_by_unicode_script=True,
+        split_by_number=True,
+        max_sentencepiece_length=16,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        shuffle_input_sentence=False,
+        minloglevel=2,
+    )
+    return buf.getvalue()
+
+
+def spm_gguf_vocab(proto):
+    """tokens / scores / token types exactly as llama.cpp's convert_hf_to_gguf
+    (_create_vocab_sentencepiece) writes them for a SentencePiece model."""
+    import sentencepiece as spm
+    from gguf import TokenType
+
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    tokens, scores, types = [], [], []
+    for i in range(sp.vocab_size()):
+        tokens.append(sp.id_to_piece(i).encode("utf-8"))
+        scores.append(sp.get_score(i))
+        if sp.is_unknown(i):
+            t = TokenType.UNKNOWN
+        elif sp.is_control(i):
+            t = TokenType.CONTROL
+        elif sp.is_unused(i):
+            t = TokenType.UNUSED
+        elif sp.is_byte(i):
+            t = TokenType.BYTE
+        else:
+            t = TokenType.NORMAL
+        types.append(int(t))
+    return sp, tokens, scores, types
+
+
+def build_spm_gguf():
+    import gguf
+    from transformers import AutoTokenizer
+
+    out = FIX / "spm-gguf"
+    fresh_dir(out)
+    proto = spm_train()
+    sp, tokens, scores, types = spm_gguf_vocab(proto)
+    assert [sp.id_to_piece(i) for i in range(3)] == ["<unk>", "<s>", "</s>"]
+
+    path = out / "tokenizer.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    # deliberately no tokenizer.ggml.add_bos_token / add_eos_token
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    tok = AutoTokenizer.from_pretrained(str(out), gguf_file="tokenizer.gguf")
+    bt_json = json.loads(tok.backend_tokenizer.to_str())
+    cases = []
+    for s in SPM_TOKENIZE:
+        ids = tok(s)["input_ids"]
+        cases.append(
+            {
+                "text": s,
+                "ids": ids,
+                "tokens": tok.convert_ids_to_tokens(ids),
+                "decoded": tok.decode(ids, skip_special_tokens=True),
+                "sentencepiece_ids": [1] + sp.encode(s),
+            }
+        )
+    write_json(
+        out / "tokenize.json",
+        {
+            "source": {"gguf_file": "tokenizer.gguf", "gguf_bytes": path.stat().st_size},
+            "versions": versions() | {"sentencepiece": _dist_version("sentencepiece")},
+            "convention": "ids = AutoTokenizer.from_pretrained(dir, gguf_file='tokenizer.gguf')(text)['input_ids'] "
+            "(default add_special_tokens: BOS <s>=1 is prepended, no EOS). decoded = tokenizer.decode(ids, "
+            "skip_special_tokens=True). sentencepiece_ids = [1] + the original SentencePiece model's encode(text), "
+            "for comparison only (the GGUF holds only metadata; no tensors).",
+            "tokenizer": {
+                "normalizer": bt_json["normalizer"],
+                "pre_tokenizer": bt_json["pre_tokenizer"],
+                "post_processor": bt_json["post_processor"],
+                "decoder": bt_json["decoder"],
+                "bos_token": tok.bos_token,
+                "eos_token": tok.eos_token,
+                "unk_token": tok.unk_token,
+                "vocab_size": len(tok),
+            },
+            "cases": cases,
+        },
+    )
+    n_diff = sum(c["ids"] != c["sentencepiece_ids"] for c in cases)
+    print(f"[spm-gguf] vocab={len(tokens)} gguf={path.stat().st_size} bytes, {len(cases)} cases, "
+          f"{n_diff} differ from sentencepiece")
+    return tok
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", default=str(DEFAULT_GGUF), help="SmolLM2-135M-Instruct GGUF (default: %(default)s)")
     ap.add_argument("--skip-tiny", action="store_true")
     ap.add_argument("--skip-smollm", action="store_true")
+    ap.add_argument("--only-spm", action="store_true", help="only build spm-gguf/ (tiny SentencePiece GGUF tokenizer)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
@@ -991,6 +1172,9 @@ def main():
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
+    if args.only_spm:
+        build_spm_gguf()
+        return
     if not args.skip_tiny:
         build_tiny("llama", "tiny-llama", 384, None, SEED, 0.25, 0.6, variant=("tiny-llama-f16", torch.float16))
         build_tiny("qwen2", "tiny-qwen2", 448, 512, SEED + 1, 0.25, 0.6, variant=("tiny-qwen2-bf16", torch.bfloat16))
@@ -998,6 +1182,7 @@ def main():
         build_tiny("gpt2", "tiny-gpt2", 320, None, SEED + 2, 0.5, 0.4)
     if not args.skip_smollm:
         build_smollm(args.gguf)
+    build_spm_gguf()
 
     total = sum(p.stat().st_size for p in FIX.rglob("*") if p.is_file())
     print(f"fixtures total: {total / 1e6:.2f} MB")

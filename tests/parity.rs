@@ -218,3 +218,26 @@ fn chat_templates_render_like_transformers() {
         check_chat_template(name);
     }
 }
+
+#[test]
+fn sentencepiece_gguf_vocabulary_tokenizes_like_transformers() {
+    let gguf = wordloom::weights::GgufFile::open(&fixture("spm-gguf/tokenizer.gguf")).unwrap();
+    let tokenizer = wordloom::tokenizer::Tokenizer::from_gguf(&gguf).unwrap();
+    let reference = read_json("spm-gguf/tokenize.json");
+    let cases = reference["cases"].as_array().unwrap();
+    assert!(cases.len() >= 20);
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let expected = ids(&case["ids"]);
+        assert_eq!(
+            tokenizer.encode(text, true).unwrap(),
+            expected,
+            "ids of {text:?}"
+        );
+        assert_eq!(
+            tokenizer.decode(&expected, true).unwrap(),
+            case["decoded"].as_str().unwrap(),
+            "decoding of {text:?}"
+        );
+    }
+}

@@ -3,9 +3,15 @@
 
 use std::collections::HashMap;
 
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
 use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::replace::Replace;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::template::TemplateProcessing;
@@ -35,23 +41,86 @@ fn split_regex(pre: &str) -> Option<&'static str> {
 
 pub fn tokenizer_from_gguf(gguf: &GgufFile) -> Result<Tokenizer> {
     let model = gguf.get_str("tokenizer.ggml.model")?.to_string();
-    if model != "gpt2" {
-        return Err(Error::Tokenizer(format!(
-            "{}: GGUF tokenizer model `{model}` is not supported yet (supported: gpt2 byte-level BPE)",
-            gguf.path().display()
-        )));
-    }
     let tokens = gguf.get_str_array("tokenizer.ggml.tokens")?;
     let types = gguf
         .opt("tokenizer.ggml.token_type", GgufFile::get_i32_array)?
         .unwrap_or_default();
+    let byte_chars = byte_alphabet();
+    let alphabet: std::collections::HashSet<char> = byte_chars.values().copied().collect();
+    let (mut inner, add_bos_default) = match model.as_str() {
+        "gpt2" => (
+            byte_level_bpe(gguf, &tokens, &byte_chars, &alphabet)?,
+            false,
+        ),
+        // transformers (like llama.cpp) adds BOS to a SentencePiece vocabulary that does not say otherwise.
+        "llama" => (sentencepiece_bpe(gguf, &tokens)?, true),
+        other => {
+            return Err(Error::Tokenizer(format!(
+                "{}: GGUF tokenizer model `{other}` is not supported (supported: gpt2, llama)",
+                gguf.path().display()
+            )))
+        }
+    };
+    // In a byte-level vocabulary a control token spelled outside the byte alphabet is a
+    // converter mislabel; transformers skips it so the vocabulary keeps the model's size.
+    let control: Vec<AddedToken> = tokens
+        .iter()
+        .zip(&types)
+        .filter(|(t, ty)| {
+            **ty == TOKEN_TYPE_CONTROL
+                && (model != "gpt2" || t.chars().all(|c| alphabet.contains(&c)))
+        })
+        .map(|(t, _)| AddedToken::from(t.clone(), true).normalized(false))
+        .collect();
+    inner.add_special_tokens(&control);
+    let user: Vec<AddedToken> = tokens
+        .iter()
+        .zip(&types)
+        .filter(|(_, ty)| **ty == TOKEN_TYPE_USER_DEFINED)
+        .map(|(t, _)| AddedToken::from(t.clone(), false).normalized(false))
+        .collect();
+    inner.add_tokens(&user);
+
+    let token_at = |key: &str| -> Result<Option<String>> {
+        Ok(gguf
+            .opt(key, GgufFile::get_u32)?
+            .and_then(|id| tokens.get(id as usize).cloned()))
+    };
+    let bos = token_at("tokenizer.ggml.bos_token_id")?;
+    let eos = token_at("tokenizer.ggml.eos_token_id")?;
+    let add_bos = gguf
+        .opt("tokenizer.ggml.add_bos_token", GgufFile::get_bool)?
+        .unwrap_or(add_bos_default);
+    let add_eos = gguf
+        .opt("tokenizer.ggml.add_eos_token", GgufFile::get_bool)?
+        .unwrap_or(false);
+    if add_bos || add_eos {
+        let template = special_token_template(
+            &inner,
+            bos.as_deref().filter(|_| add_bos),
+            eos.as_deref().filter(|_| add_eos),
+        )?;
+        inner.with_post_processor(Some(template));
+    }
+    let mut extra_eos = Vec::new();
+    if let Some(eot) = gguf.opt("tokenizer.ggml.eot_token_id", GgufFile::get_u32)? {
+        extra_eos.push(eot);
+    }
+    let template = gguf.opt("tokenizer.chat_template", GgufFile::get_string)?;
+    Tokenizer::new(inner, bos, eos, &extra_eos, template)
+}
+
+/// GPT-2 style byte-level BPE: tokens and merges as the file spells them.
+fn byte_level_bpe(
+    gguf: &GgufFile,
+    tokens: &[String],
+    byte_chars: &HashMap<u8, char>,
+    alphabet: &std::collections::HashSet<char>,
+) -> Result<tokenizers::Tokenizer> {
     let merges = gguf.get_str_array("tokenizer.ggml.merges")?;
     let pre = gguf
         .opt("tokenizer.ggml.pre", GgufFile::get_string)?
         .unwrap_or_default();
-
-    let byte_chars = byte_alphabet();
-    let alphabet: std::collections::HashSet<char> = byte_chars.values().copied().collect();
     // Tokens already spelled in the byte alphabet stay; others are re-spelled byte by byte.
     let spell = |token: &str| -> String {
         if token.chars().all(|c| alphabet.contains(&c)) {
@@ -99,49 +168,98 @@ pub fn tokenizer_from_gguf(gguf: &GgufFile) -> Result<Tokenizer> {
         }
     }
     inner.with_decoder(Some(ByteLevelDecoder::default()));
+    Ok(inner)
+}
 
-    let control: Vec<AddedToken> = tokens
+/// A SentencePiece vocabulary (tokens + scores, no merges) as the BPE `transformers`' LlamaTokenizer
+/// builds from it: merges recovered from the scores, byte fallback, `▁` for spaces.
+fn sentencepiece_bpe(gguf: &GgufFile, tokens: &[String]) -> Result<tokenizers::Tokenizer> {
+    let scores = gguf.get_f32_array("tokenizer.ggml.scores")?;
+    if scores.len() != tokens.len() {
+        return Err(Error::Tokenizer(format!(
+            "{}: {} tokens but {} scores",
+            gguf.path().display(),
+            tokens.len(),
+            scores.len()
+        )));
+    }
+    let vocab: HashMap<&str, u32> = tokens
         .iter()
-        .zip(&types)
-        .filter(|(t, ty)| **ty == TOKEN_TYPE_CONTROL && t.chars().all(|c| alphabet.contains(&c)))
-        .map(|(t, _)| AddedToken::from(t.clone(), true).normalized(false))
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i as u32))
         .collect();
-    inner.add_special_tokens(&control);
-    let user: Vec<AddedToken> = tokens
-        .iter()
-        .zip(&types)
-        .filter(|(_, ty)| **ty == TOKEN_TYPE_USER_DEFINED)
-        .map(|(t, _)| AddedToken::from(t.clone(), false).normalized(false))
-        .collect();
-    inner.add_tokens(&user);
-
-    let token_at = |key: &str| -> Result<Option<String>> {
-        Ok(gguf
-            .opt(key, GgufFile::get_u32)?
-            .and_then(|id| tokens.get(id as usize).cloned()))
+    let merges = match gguf.opt("tokenizer.ggml.merges", GgufFile::get_str_array)? {
+        Some(listed) => listed
+            .iter()
+            .filter_map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+            })
+            .collect(),
+        None => merges_from_scores(tokens, &scores, &vocab),
     };
-    let bos = token_at("tokenizer.ggml.bos_token_id")?;
-    let eos = token_at("tokenizer.ggml.eos_token_id")?;
-    let add_bos = gguf
-        .opt("tokenizer.ggml.add_bos_token", GgufFile::get_bool)?
-        .unwrap_or(false);
-    let add_eos = gguf
-        .opt("tokenizer.ggml.add_eos_token", GgufFile::get_bool)?
-        .unwrap_or(false);
-    if add_bos || add_eos {
-        let template = special_token_template(
-            &inner,
-            bos.as_deref().filter(|_| add_bos),
-            eos.as_deref().filter(|_| add_eos),
-        )?;
-        inner.with_post_processor(Some(template));
+    let owned: tokenizers::models::bpe::Vocab =
+        vocab.iter().map(|(t, i)| (t.to_string(), *i)).collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(owned, merges)
+        .fuse_unk(true)
+        .byte_fallback(true)
+        .build()
+        .map_err(|e| Error::Tokenizer(format!("building BPE from GGUF: {e}")))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    inner.with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::First, false)));
+    let space = Replace::new("▁", " ").map_err(|e| Error::Tokenizer(e.to_string()))?;
+    inner.with_decoder(Some(DecoderSequence::new(vec![
+        space.into(),
+        ByteFallback::new().into(),
+        Fuse::new().into(),
+        Strip::new(' ', 1, 0).into(),
+    ])));
+    Ok(inner)
+}
+
+/// Every split of every token into two vocabulary pieces, best score first (transformers'
+/// `generate_merges`: ties keep vocabulary order, then shorter left and right pieces first).
+fn merges_from_scores(
+    tokens: &[String],
+    scores: &[f32],
+    vocab: &HashMap<&str, u32>,
+) -> Vec<(String, String)> {
+    // Later duplicates of a token win, as in a Python dict built from the same pairs.
+    let mut last_score: HashMap<&str, (usize, f32)> = HashMap::new();
+    for (i, (t, s)) in tokens.iter().zip(scores).enumerate() {
+        let first = last_score.get(t.as_str()).map_or(i, |(at, _)| *at);
+        last_score.insert(t, (first, *s));
     }
-    let mut extra_eos = Vec::new();
-    if let Some(eot) = gguf.opt("tokenizer.ggml.eot_token_id", GgufFile::get_u32)? {
-        extra_eos.push(eot);
+    let mut ordered: Vec<(&str, usize, f32)> = last_score
+        .iter()
+        .map(|(t, (at, s))| (*t, *at, *s))
+        .collect();
+    ordered.sort_by_key(|(_, at, _)| *at);
+    let mut merges: Vec<(&str, &str, f32)> = Vec::new();
+    for (token, _, score) in ordered {
+        let mut local: Vec<(&str, &str, f32)> = token
+            .char_indices()
+            .skip(1)
+            .map(|(at, _)| (&token[..at], &token[at..]))
+            .filter(|(l, r)| vocab.contains_key(l) && vocab.contains_key(r))
+            .map(|(l, r)| (l, r, score))
+            .collect();
+        local.sort_by_key(|(l, r, _)| (vocab[l], vocab[r]));
+        merges.extend(local);
     }
-    let template = gguf.opt("tokenizer.chat_template", GgufFile::get_string)?;
-    Tokenizer::new(inner, bos, eos, &extra_eos, template)
+    // Python's stable sort with reverse=True keeps equal keys in their original order.
+    merges.sort_by(|a, b| {
+        let key = |m: &(&str, &str, f32)| (m.2, m.0.chars().count(), m.1.chars().count());
+        let (ka, kb) = (key(a), key(b));
+        kb.0.total_cmp(&ka.0)
+            .then(kb.1.cmp(&ka.1))
+            .then(kb.2.cmp(&ka.2))
+    });
+    merges
+        .into_iter()
+        .map(|(l, r, _)| (l.to_string(), r.to_string()))
+        .collect()
 }
 
 fn special_token_template(

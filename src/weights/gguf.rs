@@ -196,6 +196,10 @@ impl GgufFile {
         self.get_array(key, |v| v.to_string().cloned())
     }
 
+    pub fn get_f32_array(&self, key: &str) -> Result<Vec<f32>> {
+        self.get_array(key, Value::to_f32)
+    }
+
     pub fn get_i32_array(&self, key: &str) -> Result<Vec<i32>> {
         self.get_array(key, Value::to_i32)
     }
