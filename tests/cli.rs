@@ -321,3 +321,32 @@ fn perplexity_json_reports_counts() {
     assert_eq!(v["scored"].as_u64().unwrap(), tokens - windows);
     assert!(v["perplexity"].as_f64().unwrap() > 1.0);
 }
+
+#[test]
+fn truncated_real_gguf_names_the_missing_tensor_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cut = dir.path().join("cut.gguf");
+    let bytes = std::fs::read(common::smollm2_path()).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    assert_fails_with(
+        &["generate", "-m", cut.to_str().unwrap(), "--prompt", "hi"],
+        "truncated",
+    );
+}
+
+#[test]
+fn offline_hub_id_not_in_cache_is_reported() {
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_wordloom"))
+        .args(["generate", "-m", "someorg/some-model", "--prompt", "hi"])
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", home.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("someorg/some-model") && stderr.contains("HF_HUB_OFFLINE"),
+        "{stderr}"
+    );
+}
