@@ -19,6 +19,13 @@ fn wordloom(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// Run a command that must succeed and print one JSON object.
+fn json_output(args: &[&str]) -> serde_json::Value {
+    let (ok, stdout, stderr) = wordloom(args);
+    assert!(ok, "{args:?}: {stderr}");
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
 fn assert_fails_with(args: &[&str], needle: &str) {
     let (ok, _, stderr) = wordloom(args);
     assert!(!ok, "{args:?} should fail");
@@ -193,10 +200,11 @@ fn prompt_longer_than_the_context_is_rejected() {
 
 #[test]
 fn generate_json_has_the_documented_fields() {
-    let (ok, stdout, stderr) = wordloom(&[
+    let m = tiny();
+    let v = json_output(&[
         "generate",
         "-m",
-        &tiny(),
+        &m,
         "--prompt",
         "Hello",
         "--max-tokens",
@@ -208,8 +216,6 @@ fn generate_json_has_the_documented_fields() {
         "--threads",
         "1",
     ]);
-    assert!(ok, "{stderr}");
-    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(v["token_ids"].as_array().unwrap().len(), 5);
     assert_eq!(v["finish_reason"], "length");
     assert_eq!(v["usage"]["completion_tokens"], 5);
@@ -225,11 +231,12 @@ fn generate_json_has_the_documented_fields() {
 
 #[test]
 fn same_seed_gives_the_same_sample() {
+    let m = tiny();
     let run = |seed: &str| {
-        let (ok, stdout, stderr) = wordloom(&[
+        let args = [
             "generate",
             "-m",
-            &tiny(),
+            &m,
             "--prompt",
             "Once",
             "--max-tokens",
@@ -238,13 +245,9 @@ fn same_seed_gives_the_same_sample() {
             "1.0",
             "--top-p",
             "0.9",
-            "--seed",
-            seed,
-            "--ignore-eos",
-            "--json",
-        ]);
-        assert!(ok, "{stderr}");
-        serde_json::from_str::<serde_json::Value>(stdout.trim()).unwrap()["token_ids"].clone()
+        ];
+        json_output(&[&args[..], &["--seed", seed, "--ignore-eos", "--json"]].concat())["token_ids"]
+            .clone()
     };
     assert_eq!(run("42"), run("42"));
     assert_ne!(run("42"), run("43"));
@@ -252,45 +255,23 @@ fn same_seed_gives_the_same_sample() {
 
 #[test]
 fn stop_strings_end_generation_and_are_not_printed() {
-    // Greedy text of tiny-gpt2 for this prompt is known from the fixture; stop at a piece of it.
-    let reference = common::read_json("tiny-gpt2/reference.json");
-    let case = &reference["cases"][0];
-    let prompt = case["prompt"].as_str().unwrap();
-    let full = {
-        let (ok, stdout, stderr) = wordloom(&[
-            "generate",
-            "-m",
-            fixture("tiny-gpt2").to_str().unwrap(),
-            "--prompt",
-            prompt,
-            "--max-tokens",
-            "20",
-            "--ignore-eos",
-            "--json",
-        ]);
-        assert!(ok, "{stderr}");
-        serde_json::from_str::<serde_json::Value>(stdout.trim()).unwrap()["text"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
-    let cut: String = full.chars().skip(3).take(2).collect();
-    let expected = &full[..full.find(&cut).unwrap()];
-    let (ok, stdout, stderr) = wordloom(&[
+    let model = fixture("tiny-gpt2");
+    let base = [
         "generate",
         "-m",
-        fixture("tiny-gpt2").to_str().unwrap(),
+        model.to_str().unwrap(),
         "--prompt",
-        prompt,
+        "The quick",
         "--max-tokens",
         "20",
         "--ignore-eos",
-        "--stop",
-        &cut,
         "--json",
-    ]);
-    assert!(ok, "{stderr}");
-    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    ];
+    let full = json_output(&base)["text"].as_str().unwrap().to_string();
+    // Stop at a piece taken from the middle of the unrestricted output.
+    let cut: String = full.chars().skip(3).take(2).collect();
+    let expected = &full[..full.find(&cut).unwrap()];
+    let v = json_output(&[&base[..], &["--stop", &cut]].concat());
     assert_eq!(v["text"].as_str().unwrap(), expected);
     assert_eq!(v["finish_reason"], "stop");
 }
@@ -304,7 +285,7 @@ fn perplexity_json_reports_counts() {
         "The quick brown fox jumps over the lazy dog. ".repeat(4),
     )
     .unwrap();
-    let (ok, stdout, stderr) = wordloom(&[
+    let v = json_output(&[
         "perplexity",
         "-m",
         &tiny(),
@@ -314,8 +295,6 @@ fn perplexity_json_reports_counts() {
         "16",
         "--json",
     ]);
-    assert!(ok, "{stderr}");
-    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     let tokens = v["tokens"].as_u64().unwrap();
     let windows = tokens.div_ceil(16);
     assert_eq!(v["scored"].as_u64().unwrap(), tokens - windows);
