@@ -40,6 +40,7 @@
 
 #![allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 
+mod pool;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -309,7 +310,15 @@ impl SendPtr {
 /// Split `n` items into contiguous chunks (multiples of `align`) and run `f(start, end)` on
 /// rayon's current pool; `work_per_item` (≈ bytes of weights streamed, or equivalent work)
 /// decides how many chunks are worth it.
-fn par_ranges(n: usize, align: usize, work_per_item: usize, f: impl Fn(usize, usize) + Sync) {
+/// `spinning` picks the spinning pool (decode: many short matmuls in a row) over rayon's
+/// (prefill: long matmuls between which candle's own parallel ops need the cores).
+fn par_ranges(
+    n: usize,
+    align: usize,
+    work_per_item: usize,
+    spinning: bool,
+    f: impl Fn(usize, usize) + Sync,
+) {
     let threads = rayon::current_num_threads().max(1);
     let total = n.saturating_mul(work_per_item);
     // Below ~48 KB of weight stream (a few µs) per chunk a fork-join is not worth it.
@@ -327,14 +336,19 @@ fn par_ranges(n: usize, align: usize, work_per_item: usize, f: impl Fn(usize, us
     }
     let per = units.div_ceil(chunks);
     let chunks = units.div_ceil(per);
-    use rayon::prelude::*;
-    (0..chunks).into_par_iter().for_each(|c| {
+    let task = |c: usize| {
         let s = c * per * align;
         let e = ((c + 1) * per * align).min(n);
         if s < e {
             f(s, e);
         }
-    });
+    };
+    if spinning {
+        pool::global().run(chunks, &task);
+    } else {
+        use rayon::prelude::*;
+        (0..chunks).into_par_iter().for_each(task);
+    }
 }
 
 /// `out (m × rows, row-major) = x (m × cols, row-major) · Wᵀ`.
@@ -397,7 +411,7 @@ fn quant_matmul_q8(
     if !use_gemm {
         // Row streaming: memory-bound for small m; cost in "bytes streamed" units.
         let per_row = w.row_bytes() * (2 + m) / 3;
-        par_ranges(rows, 8, per_row, |r0, r1| {
+        par_ranges(rows, 8, per_row, true, |r0, r1| {
             #[cfg(target_arch = "x86_64")]
             if feats.avx512 {
                 // SAFETY: feature checked; the range [r0, r1) of every output row is only
@@ -418,7 +432,7 @@ fn quant_matmul_q8(
         {
             // ~0.1 cycle per MAC at m = 512; the same units as the decode path (≈ bytes).
             let per_row = acts.nb * (40 + m * 12) * 4;
-            par_ranges(rows, x86::NR, per_row, |r0, r1| {
+            par_ranges(rows, x86::NR, per_row, false, |r0, r1| {
                 // SAFETY: as above.
                 unsafe { x86::gemm_avx512(w, acts, m, r0, r1, outp.get()) };
             });
