@@ -36,6 +36,23 @@ fn assert_fails_with(args: &[&str], needle: &str) {
     assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
 }
 
+/// `generate` on a model directory must fail naming `needle`.
+fn assert_model_fails(dir: &std::path::Path, needle: &str) {
+    assert_fails_with(
+        &["generate", "-m", dir.to_str().unwrap(), "--prompt", "hi"],
+        needle,
+    );
+}
+
+/// A temporary model directory holding these files of the tiny-llama fixture.
+fn partial_tiny_llama(files: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in files {
+        std::fs::copy(fixture(&format!("tiny-llama/{f}")), dir.path().join(f)).unwrap();
+    }
+    dir
+}
+
 fn tiny() -> String {
     fixture("tiny-llama").to_string_lossy().into_owned()
 }
@@ -51,65 +68,30 @@ fn missing_model_path_is_named() {
 #[test]
 fn directory_without_config_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
-    assert_fails_with(
-        &[
-            "generate",
-            "-m",
-            dir.path().to_str().unwrap(),
-            "--prompt",
-            "hi",
-        ],
-        "no config.json",
-    );
+    assert_model_fails(dir.path(), "no config.json");
 }
 
 #[test]
 fn unknown_architecture_is_named() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = partial_tiny_llama(&["model.safetensors"]);
     std::fs::write(
         dir.path().join("config.json"),
         r#"{"model_type": "mamba9000"}"#,
     )
     .unwrap();
-    std::fs::copy(
-        fixture("tiny-llama/model.safetensors"),
-        dir.path().join("model.safetensors"),
-    )
-    .unwrap();
-    assert_fails_with(
-        &[
-            "generate",
-            "-m",
-            dir.path().to_str().unwrap(),
-            "--prompt",
-            "hi",
-        ],
-        "mamba9000",
-    );
+    assert_model_fails(dir.path(), "mamba9000");
 }
 
 #[test]
 fn truncated_safetensors_is_reported() {
-    let dir = tempfile::tempdir().unwrap();
-    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(fixture(&format!("tiny-llama/{f}")), dir.path().join(f)).unwrap();
-    }
+    let dir = partial_tiny_llama(&["config.json", "tokenizer.json", "tokenizer_config.json"]);
     let bytes = std::fs::read(fixture("tiny-llama/model.safetensors")).unwrap();
     std::fs::write(
         dir.path().join("model.safetensors"),
         &bytes[..bytes.len() / 2],
     )
     .unwrap();
-    assert_fails_with(
-        &[
-            "generate",
-            "-m",
-            dir.path().to_str().unwrap(),
-            "--prompt",
-            "hi",
-        ],
-        "safetensors",
-    );
+    assert_model_fails(dir.path(), "safetensors");
 }
 
 #[test]
@@ -117,46 +99,16 @@ fn truncated_and_corrupt_gguf_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     let corrupt = dir.path().join("corrupt.gguf");
     std::fs::write(&corrupt, b"GGUF\x03\x00\x00\x00garbage").unwrap();
-    assert_fails_with(
-        &[
-            "generate",
-            "-m",
-            corrupt.to_str().unwrap(),
-            "--prompt",
-            "hi",
-        ],
-        "corrupt.gguf",
-    );
+    assert_model_fails(&corrupt, "corrupt.gguf");
     let not_gguf = dir.path().join("weights.bin");
     std::fs::write(&not_gguf, b"hello").unwrap();
-    assert_fails_with(
-        &[
-            "generate",
-            "-m",
-            not_gguf.to_str().unwrap(),
-            "--prompt",
-            "hi",
-        ],
-        "not a GGUF file",
-    );
+    assert_model_fails(&not_gguf, "not a GGUF file");
 }
 
 #[test]
 fn missing_tokenizer_is_reported() {
-    let dir = tempfile::tempdir().unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(fixture(&format!("tiny-llama/{f}")), dir.path().join(f)).unwrap();
-    }
-    assert_fails_with(
-        &[
-            "generate",
-            "-m",
-            dir.path().to_str().unwrap(),
-            "--prompt",
-            "hi",
-        ],
-        "tokenizer missing",
-    );
+    let dir = partial_tiny_llama(&["config.json", "model.safetensors"]);
+    assert_model_fails(dir.path(), "tokenizer missing");
 }
 
 #[test]
@@ -307,10 +259,7 @@ fn truncated_real_gguf_names_the_missing_tensor_bytes() {
     let cut = dir.path().join("cut.gguf");
     let bytes = std::fs::read(common::smollm2_path()).unwrap();
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
-    assert_fails_with(
-        &["generate", "-m", cut.to_str().unwrap(), "--prompt", "hi"],
-        "truncated",
-    );
+    assert_model_fails(&cut, "truncated");
 }
 
 #[test]

@@ -29,6 +29,8 @@ pub struct BenchArgs {
 struct BenchReport {
     model: String,
     threads: usize,
+    /// Instruction path of the quantized kernels on this machine.
+    kernels: &'static str,
     prompt_tokens: usize,
     gen_tokens: usize,
     prefill_tokens_per_second: f64,
@@ -92,6 +94,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let report = BenchReport {
         model: lm.source.path().display().to_string(),
         threads: rayon::current_num_threads(),
+        kernels: wordloom::kernels::kernel_path(),
         prompt_tokens: args.prompt_tokens,
         gen_tokens: args.gen_tokens,
         prefill_tokens_per_second: median(&mut prefill),
@@ -103,7 +106,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!("model    {}", report.model);
-        println!("threads  {}", report.threads);
+        println!("threads  {} ({} kernels)", report.threads, report.kernels);
         println!(
             "prefill  {:.1} tokens/s ({} tokens)",
             report.prefill_tokens_per_second, report.prompt_tokens

@@ -76,23 +76,6 @@ impl QuantKind {
         debug_assert_eq!(cols % self.block_elems(), 0);
         cols / self.block_elems() * self.block_bytes()
     }
-    /// The ggml type id (`GGML_TYPE_*`) to kind mapping, for GGUF loaders.
-    pub fn from_ggml_type(t: u32) -> Option<Self> {
-        match t {
-            2 => Some(QuantKind::Q4_0),
-            3 => Some(QuantKind::Q4_1),
-            8 => Some(QuantKind::Q8_0),
-            _ => None,
-        }
-    }
-    /// The ggml type id (`GGML_TYPE_*`).
-    pub fn ggml_type(self) -> u32 {
-        match self {
-            QuantKind::Q4_0 => 2,
-            QuantKind::Q4_1 => 3,
-            QuantKind::Q8_0 => 8,
-        }
-    }
 }
 
 /// A row-major quantized matrix view over GGUF bytes (e.g. an mmap): `rows × cols`, each row =
@@ -416,13 +399,13 @@ fn quant_matmul_q8(
             if feats.avx512 {
                 // SAFETY: feature checked; the range [r0, r1) of every output row is only
                 // written by this task.
-                unsafe { x86::gemv_avx512(w, acts, m, r0, r1, outp.get()) };
+                unsafe { x86::gemv::<true>(w, acts, m, r0, r1, outp.get()) };
                 return;
             }
             #[cfg(target_arch = "x86_64")]
             if feats.avx2 {
                 // SAFETY: as above.
-                unsafe { x86::gemv_avx2(w, acts, m, r0, r1, outp.get()) };
+                unsafe { x86::gemv::<false>(w, acts, m, r0, r1, outp.get()) };
                 return;
             }
             scalar::gemv_scalar(w, acts, m, r0, r1, outp.get());

@@ -72,28 +72,6 @@ pub(crate) unsafe fn quantize_row_avx512(x: &[f32], q: &mut [i8], d: &mut [f32],
     }
 }
 
-/// Rows `[r0, r1)` of `out (m × rows) = x · Wᵀ` with AVX2 (`maddubs`), for machines without
-/// AVX-512 VNNI.
-///
-/// # Safety
-/// AVX2, FMA and F16C must be available; `out` as for [`gemv_avx512`].
-pub(crate) unsafe fn gemv_avx2(
-    w: &QuantMatrix,
-    acts: &QuantizedActs,
-    m: usize,
-    r0: usize,
-    r1: usize,
-    out: *mut f32,
-) {
-    unsafe {
-        match kind_id(w.kind) {
-            KQ4_0 => gemv_group::<KQ4_0, false>(w, acts, m, r0, r1, out),
-            KQ4_1 => gemv_group::<KQ4_1, false>(w, acts, m, r0, r1, out),
-            _ => gemv_group::<KQ8_0, false>(w, acts, m, r0, r1, out),
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Small-m (decode) path: stream weight rows in GGUF layout.
 // ---------------------------------------------------------------------------------------------
@@ -403,12 +381,14 @@ unsafe fn gemv_group<const K: u8, const VNNI: bool>(
     }
 }
 
-/// Rows `[r0, r1)` of `out (m × rows) = x · Wᵀ`, streaming the weights in place.
+/// Rows `[r0, r1)` of `out (m × rows) = x · Wᵀ`, streaming the weights in place: with AVX-512
+/// VNNI (`VNNI = true`) or with AVX2 `maddubs` for machines without it.
 ///
 /// # Safety
-/// AVX-512 F/BW/VL/VNNI, FMA and F16C must be available; `out` must hold `m × w.rows` floats
-/// and no other thread may write the touched elements concurrently.
-pub(crate) unsafe fn gemv_avx512(
+/// With `VNNI`, AVX-512 F/BW/VL/VNNI, FMA and F16C must be available, otherwise AVX2, FMA and
+/// F16C; `out` must hold `m × w.rows` floats and no other thread may write the touched elements
+/// concurrently.
+pub(crate) unsafe fn gemv<const VNNI: bool>(
     w: &QuantMatrix,
     acts: &QuantizedActs,
     m: usize,
@@ -418,9 +398,9 @@ pub(crate) unsafe fn gemv_avx512(
 ) {
     unsafe {
         match kind_id(w.kind) {
-            KQ4_0 => gemv_group::<KQ4_0, true>(w, acts, m, r0, r1, out),
-            KQ4_1 => gemv_group::<KQ4_1, true>(w, acts, m, r0, r1, out),
-            _ => gemv_group::<KQ8_0, true>(w, acts, m, r0, r1, out),
+            KQ4_0 => gemv_group::<KQ4_0, VNNI>(w, acts, m, r0, r1, out),
+            KQ4_1 => gemv_group::<KQ4_1, VNNI>(w, acts, m, r0, r1, out),
+            _ => gemv_group::<KQ8_0, VNNI>(w, acts, m, r0, r1, out),
         }
     }
 }
@@ -654,7 +634,7 @@ fn lane_mask(n: usize) -> __mmask16 {
 /// Rows `[r0, r1)` of `out (m × rows) = x · Wᵀ` via repacked panels.
 ///
 /// # Safety
-/// As [`gemv_avx512`].
+/// As [`gemv`] with `VNNI`.
 pub(crate) unsafe fn gemm_avx512(
     w: &QuantMatrix,
     acts: &QuantizedActs,
