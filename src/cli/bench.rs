@@ -1,10 +1,11 @@
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
 use wordloom::generate::sampling::argmax;
 use wordloom::models::{LogitsWanted, SeqInput};
+use wordloom::weights::packaged::MINILM;
 
 use super::ModelArgs;
 
@@ -21,8 +22,154 @@ pub struct BenchArgs {
     /// Runs of each measurement; the median is reported.
     #[arg(long, default_value_t = 3)]
     pub repetitions: usize,
+    /// What to measure: decoder prefill/decode, or encoder sentence embeddings.
+    #[arg(long, default_value = "generate", value_parser = ["generate", "embed"])]
+    pub task: String,
+    /// (embed) A file with one sentence per line to embed (default: 256 built-in sentences).
+    #[arg(long)]
+    pub sentences: Option<std::path::PathBuf>,
+    /// (embed) Sentences per forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Serialize)]
+struct EmbedReport {
+    model: String,
+    threads: usize,
+    batch_size: usize,
+    sentences: usize,
+    mean_tokens: f64,
+    sentences_per_second: f64,
+    load_seconds: f64,
+    peak_rss_bytes: u64,
+}
+
+/// Embedding throughput: the same sentences embedded `repetitions` times after one warm-up pass.
+fn run_embed(args: BenchArgs) -> Result<()> {
+    use wordloom::tasks::embed::Embedder;
+    anyhow::ensure!(args.batch_size >= 1, "--batch-size must be at least 1");
+    let sentences: Vec<String> = match &args.sentences {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect(),
+        None => builtin_sentences(256),
+    };
+    anyhow::ensure!(!sentences.is_empty(), "no sentences to embed");
+    let texts: Vec<&str> = sentences.iter().map(String::as_str).collect();
+    let start = Instant::now();
+    let spec = match &args.model.model {
+        Some(spec) => spec.clone(),
+        None => MINILM
+            .ensure(&mut |m| eprintln!("{m}"))?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    let mut embedder = Embedder::load(&spec, &wordloom::LoadOptions::default())?;
+    embedder.model.batch_size = args.batch_size;
+    let load_seconds = start.elapsed().as_secs_f64();
+    let tokens: usize = texts
+        .iter()
+        .map(|t| embedder.model.tokenize(t, None).map(|e| e.len()))
+        .sum::<wordloom::Result<usize>>()?;
+    embedder.embed_strict(&texts, true)?;
+    let mut rates = Vec::new();
+    for _ in 0..args.repetitions {
+        let t0 = Instant::now();
+        embedder.embed_strict(&texts, true)?;
+        rates.push(texts.len() as f64 / t0.elapsed().as_secs_f64());
+    }
+    let report = EmbedReport {
+        model: spec,
+        threads: rayon::current_num_threads(),
+        batch_size: args.batch_size,
+        sentences: texts.len(),
+        mean_tokens: tokens as f64 / texts.len() as f64,
+        sentences_per_second: median(&mut rates),
+        load_seconds,
+        peak_rss_bytes: peak_rss_bytes(),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("model      {}", report.model);
+        println!("threads    {}  batch {}", report.threads, report.batch_size);
+        println!(
+            "embed      {:.1} sentences/s ({} sentences, {:.1} tokens on average)",
+            report.sentences_per_second, report.sentences, report.mean_tokens
+        );
+        println!("load       {:.3} s", report.load_seconds);
+        println!(
+            "peak RSS   {:.1} MiB",
+            report.peak_rss_bytes as f64 / (1024.0 * 1024.0)
+        );
+    }
+    Ok(())
+}
+
+/// Deterministic English-like sentences of 14–20 words (~20 tokens with special tokens).
+fn builtin_sentences(count: usize) -> Vec<String> {
+    const WORDS: &[&str] = &[
+        "the",
+        "customer",
+        "asked",
+        "about",
+        "a",
+        "refund",
+        "for",
+        "her",
+        "order",
+        "which",
+        "arrived",
+        "late",
+        "and",
+        "damaged",
+        "support",
+        "team",
+        "replied",
+        "quickly",
+        "with",
+        "clear",
+        "instructions",
+        "to",
+        "return",
+        "package",
+        "weather",
+        "today",
+        "is",
+        "sunny",
+        "in",
+        "city",
+        "river",
+        "flows",
+        "past",
+        "old",
+        "mill",
+        "near",
+        "market",
+        "square",
+    ];
+    let mut state = 12345u64;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) as usize
+    };
+    (0..count)
+        .map(|_| {
+            let n = 14 + next() % 7;
+            let words: Vec<&str> = (0..n).map(|_| WORDS[next() % WORDS.len()]).collect();
+            let mut s = words.join(" ");
+            s.push('.');
+            s
+        })
+        .collect()
 }
 
 #[derive(Serialize)]
@@ -40,6 +187,9 @@ struct BenchReport {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    if args.task == "embed" {
+        return run_embed(args);
+    }
     anyhow::ensure!(
         args.prompt_tokens >= 1 && args.gen_tokens >= 1,
         "--prompt-tokens and --gen-tokens must be at least 1"

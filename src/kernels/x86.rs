@@ -622,8 +622,9 @@ unsafe fn gemm_kind<const K: u8>(
     }
 }
 
+/// A mask of the first `n` (≤ 16 used) lanes of a 16-lane register.
 #[inline(always)]
-fn lane_mask(n: usize) -> __mmask16 {
+pub(crate) fn lane_mask(n: usize) -> __mmask16 {
     if n >= 16 {
         0xffff
     } else {

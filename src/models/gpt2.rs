@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::attention::causal_attention;
 use super::kv_cache::KvCache;
+use super::layers::LayerNorm;
 use super::{CausalLM, ModelInfo, SeqInput};
 use crate::error::{Error, Result};
 use crate::weights::{Embedding, Linear, LinearWeight, WeightStore};
@@ -32,39 +33,6 @@ fn default_activation() -> String {
     "gelu_new".into()
 }
 
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f32,
-}
-
-impl LayerNorm {
-    fn load(
-        w: &WeightStore,
-        name: &str,
-        size: usize,
-        eps: f64,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        Ok(LayerNorm {
-            weight: w.tensor(&format!("{name}.weight"), &[size], dtype, device)?,
-            bias: w.tensor(&format!("{name}.bias"), &[size], dtype, device)?,
-            eps: eps as f32,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(
-            x,
-            &self.weight,
-            &self.bias,
-            self.eps,
-        )?)
-    }
-}
-
-/// A `Conv1D` (weight (in, out) + bias) as an ordinary linear layer.
 fn conv1d(
     w: &WeightStore,
     name: &str,
@@ -78,12 +46,7 @@ fn conv1d(
         .t()?
         .contiguous()?;
     let bias = w.tensor(&format!("{name}.bias"), &[out], dtype, device)?;
-    Ok(Linear::new(
-        LinearWeight::Dense(weight),
-        Some(bias),
-        inp,
-        out,
-    ))
+    Linear::new(LinearWeight::dense(weight)?, Some(bias), inp, out)
 }
 
 struct Block {

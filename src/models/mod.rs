@@ -2,8 +2,10 @@
 //! scheduler, perplexity and the trainer all drive it the same way.
 
 pub mod attention;
+pub mod bert;
 pub mod gpt2;
 pub mod kv_cache;
+pub mod layers;
 pub mod llama;
 
 use std::sync::Arc;
@@ -178,7 +180,7 @@ impl LanguageModel {
                     .and_then(|v| v.as_str())
                     .unwrap_or("")
                     .to_string();
-                let weights = WeightStore::open_safetensors_dir(dir)?;
+                let weights = WeightStore::open_hf_dir(dir)?;
                 let parse_err = |e: serde_json::Error| {
                     Error::file(&config_path, format!("invalid config: {e}"))
                 };

