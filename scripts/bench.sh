@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark in one run, same files, same thread count (results go to BENCHMARKS.md).
 #   scripts/bench.sh                      wordloom vs llama.cpp on SmolLM2 Q4_1 (GGUF)
-#   PYTHON=/path/to/python scripts/bench.sh   also f32 safetensors vs PyTorch transformers
+#   PYTHON=/path/to/python scripts/bench.sh   also f32 safetensors vs PyTorch transformers, and
+#                                             all-MiniLM-L6-v2 embeddings vs sentence-transformers
+#   ONLY=embed PYTHON=... scripts/bench.sh     only the embedding comparison
 # LLAMA_BENCH: path to a llama-bench binary you built yourself from llama.cpp's source.
 # Set THREADS (default 2) and ROUNDS (default 2: the peers alternate, so a noisy neighbour hits both).
 set -euo pipefail
@@ -13,6 +15,21 @@ cargo build --release --quiet
 W=./target/release/wordloom
 GGUF=$($W fetch smollm2 | cut -f2)
 peak() { /usr/bin/time -f '%M' "$@" 2>&1 >/dev/null | tail -n 1; } # peak RSS in KiB
+
+embed_round() {
+  MINILM=$($W fetch minilm | cut -f2)
+  SENTENCES="$WORDLOOM_CACHE/bench-sentences.txt"
+  "$PYTHON" scripts/bench_embed_torch.py --sentences 256 --write-sentences "$SENTENCES" >/dev/null
+  for batch in 1 32; do
+    $W bench --task embed -m "$MINILM" --threads "$THREADS" --batch-size "$batch" --sentences "$SENTENCES" --repetitions 3 --json
+    "$PYTHON" scripts/bench_embed_torch.py --model "$MINILM" --threads "$THREADS" --batch "$batch" --file "$SENTENCES" --repetitions 3 --json 2>/dev/null
+  done
+}
+
+if [ "${ONLY:-}" = embed ]; then
+  for round in $(seq "$ROUNDS"); do echo "== round $round, $THREADS threads"; embed_round; done
+  exit 0
+fi
 
 for round in $(seq "$ROUNDS"); do
   echo "== round $round, $THREADS threads"
@@ -27,5 +44,6 @@ for round in $(seq "$ROUNDS"); do
     [ -d "$F32" ] || "$PYTHON" scripts/bench_transformers.py export --gguf "$GGUF" --out "$F32" >&2
     $W bench -m "$F32" --threads "$THREADS" --prompt-tokens 512 --gen-tokens 128 --repetitions 3 --json
     "$PYTHON" scripts/bench_transformers.py bench --model "$F32" --threads "$THREADS" --prompt-tokens 512 --gen-tokens 128 --repetitions 3 --json
+    embed_round
   fi
 done
