@@ -8,6 +8,7 @@ pub mod error;
 pub mod generate;
 pub mod kernels;
 pub mod models;
+pub mod serve;
 pub mod tasks;
 pub mod tokenizer;
 pub mod weights;

