@@ -334,3 +334,33 @@ fn concurrent_streams_each_get_their_own_complete_answer() {
         );
     }
 }
+
+#[test]
+fn json_object_mode_always_returns_parseable_json() {
+    let model = common::smollm2_path();
+    let server = start(&["-m", model.to_str().unwrap(), "--max-batch", "4"]);
+    for seed in 0..4 {
+        let body = json!({
+            "messages": [{"role": "user", "content": "Describe a cat as JSON with name, age and colour."}],
+            "response_format": {"type": "json_object"},
+            "temperature": 1.0,
+            "seed": seed,
+            "max_tokens": 300,
+        });
+        let (status, _, value) = post(
+            &server.base,
+            "/v1/chat/completions",
+            &body.to_string(),
+            None,
+        );
+        assert_eq!(status, 200, "{value}");
+        let choice = &value["choices"][0];
+        let content = choice["message"]["content"].as_str().unwrap();
+        assert_eq!(choice["finish_reason"], "stop", "seed {seed}: {content}");
+        let parsed: Value = serde_json::from_str(content)
+            .unwrap_or_else(|e| panic!("seed {seed}: not JSON ({e}): {content}"));
+        assert!(parsed.is_object(), "{content}");
+    }
+    let (status, _, value) = post(&server.base, "/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}).to_string(), None);
+    assert_error(status, &value, 400, "xml");
+}

@@ -41,6 +41,9 @@ pub struct SamplingArgs {
     /// Keep going past end-of-sequence tokens.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Constrain the output to one JSON object (sampling only picks tokens that keep it valid).
+    #[arg(long)]
+    pub json_object: bool,
 }
 
 impl SamplingArgs {
@@ -60,6 +63,7 @@ impl SamplingArgs {
             stop: self.stop.clone(),
             logprobs: self.logprobs,
             ignore_eos: self.ignore_eos,
+            json_mode: self.json_object,
         }
     }
 }

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
+use super::json_mode::{mask_logits, mask_to_closing, JsonPrefix};
 use super::sampling::{logprob_entry, LogprobEntry, Sampler, SamplingParams};
 use crate::error::{Error, Result};
 use crate::models::{CausalLM, KvCache};
@@ -20,6 +21,8 @@ pub struct GenerationParams {
     pub logprobs: Option<usize>,
     /// Keep generating past end-of-sequence tokens (benchmarks, parity tests).
     pub ignore_eos: bool,
+    /// Constrain sampling to one JSON object and stop when it closes.
+    pub json_mode: bool,
 }
 
 impl Default for GenerationParams {
@@ -30,6 +33,7 @@ impl Default for GenerationParams {
             stop: Vec::new(),
             logprobs: None,
             ignore_eos: false,
+            json_mode: false,
         }
     }
 }
@@ -82,6 +86,8 @@ pub struct Sequence {
     emitted: String,
     finished: Option<FinishReason>,
     logprobs: Vec<LogprobEntry>,
+    /// JSON mode: the document so far, and how many bytes of the generated text it has seen.
+    json: Option<(JsonPrefix, usize)>,
 }
 
 impl Sequence {
@@ -116,6 +122,7 @@ impl Sequence {
             } else {
                 tokenizer.eos_token_ids.clone()
             },
+            json: params.json_mode.then(|| (JsonPrefix::default(), 0)),
             params,
             context_length,
             emitted: String::new(),
@@ -178,7 +185,24 @@ impl Sequence {
             Vec::new()
         };
         let raw = self.params.logprobs.map(|_| logits.to_vec());
-        let token = self.sampler.sample(logits, &context, &self.counts);
+        let token = match &self.json {
+            // The object is closed: end here.
+            Some((json, _)) if json.is_complete() => self.eos_ids.first().copied().unwrap_or(0),
+            Some((json, _)) => {
+                let texts = tokenizer.token_texts();
+                let closing = json.closing_text();
+                let left = self.params.max_tokens.saturating_sub(self.generated.len());
+                if left <= closing.chars().count() + 1 {
+                    // Out of budget soon: close the object with the shortest text, so it parses.
+                    mask_to_closing(json, &closing, texts, logits);
+                } else {
+                    mask_logits(json, texts, &tokenizer.eos_token_ids, logits);
+                }
+                self.sampler.sample(logits, &context, &self.counts)
+            }
+            None => self.sampler.sample(logits, &context, &self.counts),
+        };
+        let json_closed = self.json.as_ref().is_some_and(|(j, _)| j.is_complete());
         let logprobs = match (self.params.logprobs, raw) {
             (Some(k), Some(raw)) => Some(logprob_entry(&raw, token, k)),
             _ => None,
@@ -188,15 +212,25 @@ impl Sequence {
         }
         let mut finished = None;
         let mut text_delta = String::new();
-        if self.eos_ids.contains(&token) {
+        if self.eos_ids.contains(&token) || json_closed {
             finished = Some(FinishReason::Stop);
         } else {
             self.generated.push(token);
             *self.counts.entry(token).or_default() += 1;
             self.pending.push(token);
             let text = tokenizer.decode(&self.generated, true)?;
+            if let Some((json, seen)) = &mut self.json {
+                // Feed the document what the text really gained (an incomplete character waits).
+                let upto = text.trim_end_matches('\u{FFFD}').len();
+                if upto > *seen && text.is_char_boundary(*seen) {
+                    if !json.feed_str(&text[*seen..upto]) {
+                        finished = Some(FinishReason::Stop);
+                    }
+                    *seen = upto;
+                }
+            }
             let (final_len, stopped) = self.settled_text_len(&text);
-            if stopped {
+            if stopped || self.json.as_ref().is_some_and(|(j, _)| j.is_complete()) {
                 finished = Some(FinishReason::Stop);
             }
             if final_len > self.emitted.len() && text.is_char_boundary(self.emitted.len()) {

@@ -391,10 +391,10 @@ fn generation_params(
         None => room,
     };
     if let Some(format) = &fields.response_format {
-        if format.kind != "text" {
+        if format.kind != "text" && format.kind != "json_object" {
             return Err(ApiError::invalid(
                 format!(
-                    "response_format type `{}` is not supported (text)",
+                    "response_format type `{}` is not supported (text, json_object)",
                     format.kind
                 ),
                 Some("response_format"),
@@ -424,6 +424,10 @@ fn generation_params(
         max_tokens,
         stop,
         logprobs,
+        json_mode: fields
+            .response_format
+            .as_ref()
+            .is_some_and(|f| f.kind == "json_object"),
         ..GenerationParams::default()
     };
     params

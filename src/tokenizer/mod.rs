@@ -19,6 +19,8 @@ pub struct Tokenizer {
     /// Every id that ends generation (tokenizer eos plus generation_config / config eos ids).
     pub eos_token_ids: Vec<u32>,
     pub chat_template: Option<ChatTemplate>,
+    /// Each token's text on its own, built on first use (constrained sampling tries them all).
+    token_texts: std::sync::OnceLock<Vec<String>>,
 }
 
 fn tok_err(e: impl std::fmt::Display) -> Error {
@@ -51,6 +53,7 @@ impl Tokenizer {
             eos_token,
             eos_token_ids,
             chat_template,
+            token_texts: std::sync::OnceLock::new(),
         })
     }
 
@@ -111,6 +114,15 @@ impl Tokenizer {
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.inner.decode(ids, skip_special_tokens).map_err(tok_err)
+    }
+
+    /// Every id's decoded text (special tokens decode to ""), indexed by id.
+    pub fn token_texts(&self) -> &[String] {
+        self.token_texts.get_or_init(|| {
+            (0..self.vocab_size() as u32)
+                .map(|id| self.inner.decode(&[id], true).unwrap_or_default())
+                .collect()
+        })
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
