@@ -418,7 +418,8 @@ fn quant_matmul_q8(
         {
             // ~0.1 cycle per MAC at m = 512; the same units as the decode path (≈ bytes).
             let per_row = acts.nb * (40 + m * 12) * 4;
-            par_ranges(rows, x86::NR, per_row, false, |r0, r1| {
+            // Few rows (batched decode steps): the spinning pool, as for single-row decode.
+            par_ranges(rows, x86::NR, per_row, m <= 32, |r0, r1| {
                 // SAFETY: as above.
                 unsafe { x86::gemm_avx512(w, acts, m, r0, r1, outp.get()) };
             });
