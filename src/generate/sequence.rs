@@ -86,8 +86,9 @@ pub struct Sequence {
     emitted: String,
     finished: Option<FinishReason>,
     logprobs: Vec<LogprobEntry>,
-    /// JSON mode: the document so far, and how many bytes of the generated text it has seen.
-    json: Option<(JsonPrefix, usize)>,
+    /// JSON mode: the document so far, how many bytes of the generated text it has seen, and
+    /// whether the budget forced closing it (once started, closing continues to the end).
+    json: Option<(JsonPrefix, usize, bool)>,
 }
 
 impl Sequence {
@@ -122,7 +123,7 @@ impl Sequence {
             } else {
                 tokenizer.eos_token_ids.clone()
             },
-            json: params.json_mode.then(|| (JsonPrefix::default(), 0)),
+            json: params.json_mode.then(|| (JsonPrefix::default(), 0, false)),
             params,
             context_length,
             emitted: String::new(),
@@ -185,15 +186,17 @@ impl Sequence {
             Vec::new()
         };
         let raw = self.params.logprobs.map(|_| logits.to_vec());
-        let token = match &self.json {
+        let left = self.params.max_tokens.saturating_sub(self.generated.len());
+        let token = match &mut self.json {
             // The object is closed: end here.
-            Some((json, _)) if json.is_complete() => self.eos_ids.first().copied().unwrap_or(0),
-            Some((json, _)) => {
+            Some((json, _, _)) if json.is_complete() => self.eos_ids.first().copied().unwrap_or(0),
+            Some((json, _, closing_started)) => {
                 let texts = tokenizer.token_texts();
                 let closing = json.closing_text();
-                let left = self.params.max_tokens.saturating_sub(self.generated.len());
-                if left <= closing.chars().count() + 1 {
-                    // Out of budget soon: close the object with the shortest text, so it parses.
+                // Every closing character has a one-character token, so this many steps suffice;
+                // once started, closing goes on to the end.
+                *closing_started |= left <= closing.chars().count() + 1;
+                if *closing_started {
                     mask_to_closing(json, &closing, texts, logits);
                 } else {
                     mask_logits(json, texts, &tokenizer.eos_token_ids, logits);
@@ -202,7 +205,7 @@ impl Sequence {
             }
             None => self.sampler.sample(logits, &context, &self.counts),
         };
-        let json_closed = self.json.as_ref().is_some_and(|(j, _)| j.is_complete());
+        let json_closed = self.json.as_ref().is_some_and(|(j, _, _)| j.is_complete());
         let logprobs = match (self.params.logprobs, raw) {
             (Some(k), Some(raw)) => Some(logprob_entry(&raw, token, k)),
             _ => None,
@@ -219,7 +222,7 @@ impl Sequence {
             *self.counts.entry(token).or_default() += 1;
             self.pending.push(token);
             let text = tokenizer.decode(&self.generated, true)?;
-            if let Some((json, seen)) = &mut self.json {
+            if let Some((json, seen, _)) = &mut self.json {
                 // Feed the document what the text really gained (an incomplete character waits).
                 let upto = text.trim_end_matches('\u{FFFD}').len();
                 if upto > *seen && text.is_char_boundary(*seen) {
@@ -230,7 +233,7 @@ impl Sequence {
                 }
             }
             let (final_len, stopped) = self.settled_text_len(&text);
-            if stopped || self.json.as_ref().is_some_and(|(j, _)| j.is_complete()) {
+            if stopped || self.json.as_ref().is_some_and(|(j, _, _)| j.is_complete()) {
                 finished = Some(FinishReason::Stop);
             }
             if final_len > self.emitted.len() && text.is_char_boundary(self.emitted.len()) {

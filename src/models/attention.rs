@@ -103,6 +103,93 @@ impl Rope {
     }
 }
 
+impl Rope {
+    /// Rotate `heads` heads of one position in place (host memory), exactly as [`Rope::apply`].
+    pub fn rotate(&self, x: &mut [f32], position: usize, head_dim: usize) {
+        let half = self.inv_freq.len();
+        for head in x.chunks_exact_mut(head_dim) {
+            for (i, &f) in self.inv_freq.iter().enumerate() {
+                let angle = position as f32 * f;
+                let (sin, cos) = (angle.sin(), angle.cos());
+                let (a, b) = match self.style {
+                    RopeStyle::Half => (i, i + half),
+                    RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * cos - x1 * sin;
+                head[b] = x0 * sin + x1 * cos;
+            }
+        }
+    }
+}
+
+/// One decode step (a single new position) of one sequence, on the CPU in f32: rotary
+/// embedding, cache append and attention over the cache read in place. The same result as
+/// [`Rope::apply`] + [`causal_attention`], without the dozen framework ops per sequence and
+/// layer that dominate a batched decode step. q: heads × head_dim; k, v: kv_heads × head_dim.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_step_attention(
+    rope: &Rope,
+    mut q: Vec<f32>,
+    mut k: Vec<f32>,
+    v: Vec<f32>,
+    head_dim: usize,
+    cache: &mut KvCache,
+    layer: usize,
+    window: Option<usize>,
+) -> Result<Tensor> {
+    let position = cache.len();
+    let heads = q.len() / head_dim;
+    let kv_heads = k.len() / head_dim;
+    rope.rotate(&mut q, position, head_dim);
+    rope.rotate(&mut k, position, head_dim);
+    let device = Device::Cpu;
+    let k = Tensor::from_vec(k, (kv_heads, 1, head_dim), &device)?;
+    let v = Tensor::from_vec(v, (kv_heads, 1, head_dim), &device)?;
+    let (keys, values) = cache.append(layer, &k, &v)?;
+    let total = position + 1;
+    let first = window.map_or(0, |w| total.saturating_sub(w));
+    let mut out = vec![0f32; heads * head_dim];
+    let (key_storage, key_layout) = keys.storage_and_layout();
+    let (value_storage, value_layout) = values.storage_and_layout();
+    let (candle_core::Storage::Cpu(key_cpu), candle_core::Storage::Cpu(value_cpu)) =
+        (&*key_storage, &*value_storage)
+    else {
+        return Err(crate::Error::invalid(
+            "decode attention runs on the CPU only",
+        ));
+    };
+    let (kd, vd) = (key_cpu.as_slice::<f32>()?, value_cpu.as_slice::<f32>()?);
+    let (ks, vs) = (key_layout.stride(), value_layout.stride());
+    let (k0, v0) = (key_layout.start_offset(), value_layout.start_offset());
+    let group = heads / kv_heads;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let mut scores = vec![0f32; total - first];
+    for h in 0..heads {
+        let kvh = h / group;
+        let qh = &q[h * head_dim..(h + 1) * head_dim];
+        for (s, j) in scores.iter_mut().zip(first..total) {
+            let key = &kd[k0 + kvh * ks[0] + j * ks[1]..][..head_dim];
+            *s = qh.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
+        }
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let oh = &mut out[h * head_dim..(h + 1) * head_dim];
+        for (p, j) in scores.iter().zip(first..total) {
+            let value = &vd[v0 + kvh * vs[0] + j * vs[1]..][..head_dim];
+            for (o, x) in oh.iter_mut().zip(value) {
+                *o += p * x;
+            }
+        }
+        oh.iter_mut().for_each(|o| *o /= sum);
+    }
+    Ok(Tensor::from_vec(out, (1, heads * head_dim), &device)?)
+}
+
 fn required(value: Option<f32>, name: &str) -> Result<f32> {
     value.ok_or_else(|| crate::Error::invalid(format!("rope_scaling is missing `{name}`")))
 }

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::attention::{causal_attention, Rope, RopeScaling, RopeStyle};
+use super::attention::{causal_attention, decode_step_attention, Rope, RopeScaling, RopeStyle};
 use super::kv_cache::KvCache;
 use super::{CausalLM, ModelInfo, SeqInput};
 use crate::error::{Error, Result};
@@ -367,7 +367,30 @@ impl CausalLM for Llama {
                 attn.k_proj.forward(&h)?,
                 attn.v_proj.forward(&h)?,
             );
+            // Decode steps on the CPU in f32 take the host path, reading q/k/v rows in place.
+            let host = if self.device.is_cpu() && self.dtype == DType::F32 {
+                Some((
+                    q.flatten_all()?.to_vec1::<f32>()?,
+                    k.flatten_all()?.to_vec1::<f32>()?,
+                    v.flatten_all()?.to_vec1::<f32>()?,
+                ))
+            } else {
+                None
+            };
             let attended = super::per_sequence(batch, |i, offset, t, cache| {
+                if let (1, Some((hq, hk, hv))) = (t, &host) {
+                    let (qw, kw) = (attn.heads * attn.head_dim, attn.kv_heads * attn.head_dim);
+                    return decode_step_attention(
+                        &self.rope,
+                        hq[offset * qw..(offset + 1) * qw].to_vec(),
+                        hk[offset * kw..(offset + 1) * kw].to_vec(),
+                        hv[offset * kw..(offset + 1) * kw].to_vec(),
+                        attn.head_dim,
+                        cache,
+                        index,
+                        self.window,
+                    );
+                }
                 let (cos, sin) = &tables[i];
                 // (t, heads*head_dim) -> (heads, t, head_dim)
                 let split = |x: &Tensor, n: usize| -> Result<Tensor> {

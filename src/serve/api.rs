@@ -166,7 +166,7 @@ fn typed<T: serde::de::DeserializeOwned>(value: &serde_json::Value) -> Result<T,
 
 /// `stop`: one string or a list.
 #[derive(Deserialize, Debug, Clone)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a string or a list of strings")]
 pub enum OneOrMany {
     One(String),
     Many(Vec<String>),
@@ -242,10 +242,23 @@ pub struct ChatRequest {
     pub sampling: SamplingFields,
 }
 
+/// A completion prompt: text, token ids, or a list of either.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(
+    untagged,
+    expecting = "a string, a list of strings, a list of token ids, or a list of such lists"
+)]
+pub enum PromptInput {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
 #[derive(Deserialize, Debug)]
 pub struct CompletionRequest {
     pub model: Option<String>,
-    pub prompt: OneOrMany,
+    pub prompt: PromptInput,
     /// Completions take the number of alternatives here.
     pub logprobs: Option<usize>,
     #[serde(default)]
@@ -259,6 +272,8 @@ pub struct EmbeddingRequest {
     pub model: Option<String>,
     pub input: OneOrMany,
     pub encoding_format: Option<String>,
+    /// Only the model's own width is offered.
+    pub dimensions: Option<usize>,
 }
 
 #[derive(Deserialize, Debug)]

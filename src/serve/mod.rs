@@ -72,6 +72,7 @@ struct AppState {
     encoder_pool: rayon::ThreadPool,
     context: usize,
     api_key: Option<String>,
+    body_limit: usize,
     metrics: Arc<Metrics>,
     started: Instant,
     next_id: std::sync::atomic::AtomicU64,
@@ -89,14 +90,25 @@ fn router(state: Shared, body_limit: usize) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/classify", post(classify_route))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model_by_id))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize));
     Router::new()
         .route("/", get(|| async { Html(PLAYGROUND) }))
         .route("/health", get(health))
         .route("/metrics", get(metrics_route))
         .merge(v1)
-        .fallback(|| async {
+        .fallback(|request: Request| async move {
+            let _ = axum::body::to_bytes(request.into_body(), 1 << 20).await;
             ApiError::invalid("no such route", None).with_status(StatusCode::NOT_FOUND)
+        })
+        .method_not_allowed_fallback(|request: Request| async move {
+            let method = request.method().clone();
+            let _ = axum::body::to_bytes(request.into_body(), 1 << 20).await;
+            ApiError::invalid(
+                format!("method {method} is not allowed on this route"),
+                None,
+            )
+            .with_status(StatusCode::METHOD_NOT_ALLOWED)
         })
         .layer(middleware::from_fn_with_state(state.clone(), record))
         .layer(DefaultBodyLimit::max(body_limit))
@@ -136,6 +148,7 @@ pub async fn serve(options: ServeOptions, models: ServedModels) -> crate::Result
         encoder_pool,
         context,
         api_key: options.api_key.clone().filter(|k| !k.is_empty()),
+        body_limit: options.body_limit,
         metrics,
         started: Instant::now(),
         next_id: std::sync::atomic::AtomicU64::new(1),
@@ -226,6 +239,8 @@ async fn authorize(State(state): State<Shared>, request: Request, next: Next) ->
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
         if !constant_time_eq(given.as_bytes(), key.as_bytes()) {
+            // Read the body anyway, so the keep-alive connection stays usable for the next request.
+            let _ = axum::body::to_bytes(request.into_body(), state.body_limit).await;
             return ApiError::unauthorized().into_response();
         }
     }
@@ -274,6 +289,19 @@ async fn models(State(state): State<Shared>) -> Json<Value> {
         .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "wordloom"}))
         .collect();
     Json(json!({"object": "list", "data": data}))
+}
+
+async fn model_by_id(
+    State(state): State<Shared>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let names = served_names(&state);
+    if !names.contains(&id) {
+        return Err(ApiError::model_not_found(&id, &names));
+    }
+    Ok(Json(
+        json!({"id": id, "object": "model", "created": 0, "owned_by": "wordloom"}),
+    ))
 }
 
 fn served_names(state: &AppState) -> Vec<String> {
@@ -350,6 +378,12 @@ fn generation_params(
                 ));
             }
         }
+    }
+    if fields.stream_options.is_some() && !fields.stream {
+        return Err(ApiError::invalid(
+            "stream_options is only allowed with stream: true",
+            Some("stream_options"),
+        ));
     }
     let n = fields.n.unwrap_or(1);
     if !(1..=16).contains(&n) {
@@ -574,20 +608,42 @@ async fn completions(
     let serving = state.chat.as_ref().map(|(n, _, _)| n.as_str());
     check_model(&state, request.model.as_deref(), serving, "completion")?;
     let (name, lm, _) = state.chat.as_ref().expect("checked");
-    let prompts = request.prompt.clone().into_vec();
-    if prompts.is_empty() || prompts.iter().any(String::is_empty) {
-        return Err(ApiError::invalid(
-            "prompt must be a non-empty string or list of them",
-            Some("prompt"),
-        ));
-    }
     if request.echo {
         return Err(ApiError::invalid("echo is not supported", Some("echo")));
     }
-    let ids = prompts
-        .iter()
-        .map(|p| lm.tokenizer.encode(p, true))
-        .collect::<crate::Result<Vec<_>>>()?;
+    let empty_text = match &request.prompt {
+        api::PromptInput::Text(t) => t.is_empty(),
+        api::PromptInput::Texts(ts) => ts.iter().any(String::is_empty),
+        _ => false,
+    };
+    if empty_text {
+        return Err(ApiError::invalid(
+            "prompt must not be empty",
+            Some("prompt"),
+        ));
+    }
+    let ids: Vec<Vec<u32>> = match request.prompt.clone() {
+        api::PromptInput::Text(t) => vec![lm.tokenizer.encode(&t, true)?],
+        api::PromptInput::Texts(ts) => ts
+            .iter()
+            .map(|t| lm.tokenizer.encode(t, true))
+            .collect::<crate::Result<_>>()?,
+        api::PromptInput::Tokens(ids) => vec![ids],
+        api::PromptInput::TokenLists(lists) => lists,
+    };
+    let vocab = lm.model.info().vocab_size;
+    if ids.is_empty() || ids.iter().any(Vec::is_empty) {
+        return Err(ApiError::invalid(
+            "prompt must be non-empty (a string, token ids, or a list of them)",
+            Some("prompt"),
+        ));
+    }
+    if let Some(bad) = ids.iter().flatten().find(|&&id| id as usize >= vocab) {
+        return Err(ApiError::invalid(
+            format!("token id {bad} is outside the vocabulary of {vocab}"),
+            Some("prompt"),
+        ));
+    }
     let longest = ids.iter().map(Vec::len).max().unwrap_or(0);
     let (params, n) =
         generation_params(&request.sampling, longest, state.context, request.logprobs)?;
@@ -652,7 +708,7 @@ fn completion_logprobs(lm: &LanguageModel, entries: &[LogprobEntry]) -> Value {
         .iter()
         .map(|t| {
             let o = offset;
-            offset += t.len();
+            offset += t.chars().count();
             o
         })
         .collect();
@@ -915,6 +971,15 @@ async fn embeddings(
             ))
         }
     };
+    if let Some(d) = request.dimensions {
+        let width = state.embedding.as_ref().expect("checked").1.dimension();
+        if d != width {
+            return Err(ApiError::invalid(
+                format!("this model's embeddings have {width} dimensions; `dimensions` {d} is not supported"),
+                Some("dimensions"),
+            ));
+        }
+    }
     let texts = inputs(request.input)?;
     let (vectors, tokens) = on_encoder_pool(&state, move |s| {
         let (_, embedder) = s.embedding.as_ref().expect("checked");
