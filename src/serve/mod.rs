@@ -589,15 +589,7 @@ async fn chat_completions(
         copies: n,
         chat: true,
     };
-    if request.sampling.stream {
-        let usage = request
-            .sampling
-            .stream_options
-            .as_ref()
-            .is_some_and(|o| o.include_usage);
-        return Ok(stream_response(state.clone(), rx, meta, usage));
-    }
-    Ok(Json(collect(&state, rx, &meta).await?).into_response())
+    respond(&state, rx, meta, &request.sampling).await
 }
 
 async fn completions(
@@ -657,15 +649,24 @@ async fn completions(
         copies: n,
         chat: false,
     };
-    if request.sampling.stream {
-        let usage = request
-            .sampling
+    respond(&state, rx, meta, &request.sampling).await
+}
+
+/// Stream the events as SSE, or wait for them all and answer with the whole response.
+async fn respond(
+    state: &Shared,
+    rx: UnboundedReceiver<Event>,
+    meta: Meta,
+    fields: &SamplingFields,
+) -> Result<Response, ApiError> {
+    if fields.stream {
+        let usage = fields
             .stream_options
             .as_ref()
             .is_some_and(|o| o.include_usage);
         return Ok(stream_response(state.clone(), rx, meta, usage));
     }
-    Ok(Json(collect(&state, rx, &meta).await?).into_response())
+    Ok(Json(collect(state, rx, &meta).await?).into_response())
 }
 
 struct Meta {
