@@ -368,7 +368,8 @@ impl CausalLM for Llama {
                 attn.v_proj.forward(&h)?,
             );
             // Decode steps on the CPU in f32 take the host path, reading q/k/v rows in place.
-            let host = if self.device.is_cpu() && self.dtype == DType::F32 {
+            let decoding = batch.iter().any(|s| s.tokens.len() == 1);
+            let host = if decoding && self.device.is_cpu() && self.dtype == DType::F32 {
                 Some((
                     q.flatten_all()?.to_vec1::<f32>()?,
                     k.flatten_all()?.to_vec1::<f32>()?,

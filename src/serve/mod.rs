@@ -262,7 +262,7 @@ async fn health(State(state): State<Shared>) -> Json<Value> {
     let (queued, running) = state.chat.as_ref().map_or((0, 0), |(_, _, e)| {
         (
             e.queue_depth(),
-            e.in_flight() - e.queue_depth().min(e.in_flight()),
+            e.in_flight().saturating_sub(e.queue_depth()),
         )
     });
     Json(json!({

@@ -32,7 +32,7 @@ fn scores(problem: ProblemType, logits: &[f32]) -> Vec<f32> {
 
 /// Classify each text; each input keeps its own error.
 pub fn classify(model: &EncoderModel, texts: &[&str]) -> Result<Vec<Result<Classification>>> {
-    require_sequence_head(model)?;
+    model.require_head(HeadKind::SequenceClassification)?;
     let encodings = model.tokenize_all(texts);
     let rows = run_valid(model, encodings, |_, hidden| {
         Ok(model.encoder.sequence_logits(hidden)?.to_vec2::<f32>()?)
@@ -58,17 +58,6 @@ pub fn classify(model: &EncoderModel, texts: &[&str]) -> Result<Vec<Result<Class
             Ok(Classification { scores: scored })
         })
         .collect())
-}
-
-fn require_sequence_head(model: &EncoderModel) -> Result<()> {
-    if model.encoder.head_kind == Some(HeadKind::SequenceClassification) {
-        return Ok(());
-    }
-    Err(Error::invalid(format!(
-        "this command needs a model with a sequence-classification head, but `{}` has {}",
-        model.dir.display(),
-        HeadKind::describe(model.encoder.head_kind)
-    )))
 }
 
 /// Options of NLI-based zero-shot classification.
@@ -97,7 +86,7 @@ pub fn zero_shot(
     candidate_labels: &[String],
     options: &ZeroShotOptions,
 ) -> Result<Vec<Result<Classification>>> {
-    require_sequence_head(model)?;
+    model.require_head(HeadKind::SequenceClassification)?;
     if candidate_labels.is_empty() || candidate_labels.iter().any(|l| l.trim().is_empty()) {
         return Err(Error::invalid(
             "zero-shot needs at least one non-empty candidate label",

@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use tokenizers::{Encoding, TruncationDirection, TruncationParams, TruncationStrategy};
 
 use crate::error::{Error, Result};
-use crate::models::bert::{Encoder, EncoderInput};
+use crate::models::bert::{Encoder, EncoderInput, HeadKind};
 use crate::models::LoadOptions;
 use crate::tokenizer::Tokenizer;
 use crate::weights::ModelSource;
@@ -130,6 +130,19 @@ impl EncoderModel {
             consume(chunk, &hidden)?;
         }
         Ok(())
+    }
+
+    /// An error naming the head this model has, unless it has `wanted`.
+    pub fn require_head(&self, wanted: HeadKind) -> Result<()> {
+        if self.encoder.head_kind == Some(wanted) {
+            return Ok(());
+        }
+        Err(Error::invalid(format!(
+            "this command needs a model with {}, but `{}` has {}",
+            HeadKind::describe(Some(wanted)),
+            self.dir.display(),
+            HeadKind::describe(self.encoder.head_kind)
+        )))
     }
 
     /// Tokenize every text; each keeps its own error so that one bad line does not stop a file.

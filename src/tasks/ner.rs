@@ -5,7 +5,7 @@
 use std::str::FromStr;
 
 use candle_core::Tensor;
-use tokenizers::{DecoderWrapper, Encoding, ModelWrapper};
+use tokenizers::{Encoding, ModelWrapper};
 
 use super::encoder::{run_valid, EncoderModel};
 use crate::error::{Error, Result};
@@ -88,14 +88,7 @@ pub fn recognize(
     texts: &[&str],
     strategy: Aggregation,
 ) -> Result<Vec<Result<Vec<Entity>>>> {
-    if model.encoder.head_kind != Some(HeadKind::TokenClassification) {
-        // Ask the model for the error message that names the head it has.
-        model.encoder.token_logits(&Tensor::zeros(
-            (1, 1, 1),
-            candle_core::DType::F32,
-            &candle_core::Device::Cpu,
-        )?)?;
-    }
+    model.require_head(HeadKind::TokenClassification)?;
     let encodings = model.tokenize_all(texts);
     run_valid(model, encodings, |batch, hidden| {
         let logits = model.encoder.token_logits(hidden)?;
@@ -310,16 +303,14 @@ fn aggregate_word(
 /// transformers' `convert_tokens_to_string`: the tokenizer's decoder, else tokens joined by spaces.
 fn tokens_to_string(tokenizer: &tokenizers::Tokenizer, tokens: Vec<String>) -> Result<String> {
     match tokenizer.get_decoder() {
-        Some(decoder) => decode_with(decoder, tokens),
+        Some(decoder) => {
+            use tokenizers::Decoder;
+            decoder
+                .decode(tokens)
+                .map_err(|e| Error::Tokenizer(e.to_string()))
+        }
         None => Ok(tokens.join(" ")),
     }
-}
-
-fn decode_with(decoder: &DecoderWrapper, tokens: Vec<String>) -> Result<String> {
-    use tokenizers::Decoder;
-    decoder
-        .decode(tokens)
-        .map_err(|e| Error::Tokenizer(e.to_string()))
 }
 
 /// ("B" | "I", tag) as transformers' `get_tag`: anything without a prefix continues ("I").

@@ -53,13 +53,7 @@ pub fn answer(
     context: &str,
     options: &QaOptions,
 ) -> Result<Vec<Answer>> {
-    if model.encoder.head_kind != Some(HeadKind::QuestionAnswering) {
-        return Err(Error::invalid(format!(
-            "question answering needs a model with a question-answering head, but `{}` has {}",
-            model.dir.display(),
-            HeadKind::describe(model.encoder.head_kind)
-        )));
-    }
+    model.require_head(HeadKind::QuestionAnswering)?;
     if question.trim().is_empty() {
         return Err(Error::invalid("the question is empty"));
     }
