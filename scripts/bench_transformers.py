@@ -273,6 +273,37 @@ def cmd_export(args) -> None:
     check_paris(reloaded, rtok)
 
 
+def cmd_random_gptneo(args) -> None:
+    """A GPT-Neo-125M-shaped checkpoint with random weights (12 layers, d=768, 12 heads,
+    global/local alternating with a 256 window, vocab 50257), f32 safetensors, plus the tiny
+    GPT-Neo fixture's tokenizer files (the benchmark feeds token ids, not text)."""
+    import shutil
+
+    import torch
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    out = Path(args.out).resolve()
+    if (out / "model.safetensors").exists() and not args.force:
+        print(f"{out} exists (use --force to rebuild)")
+        return
+    torch.manual_seed(0)
+    cfg = GPTNeoConfig(
+        vocab_size=50257, max_position_embeddings=2048, hidden_size=768, num_layers=12,
+        num_heads=12, attention_types=[[["global", "local"], 6]], window_size=256,
+        activation_function="gelu_new", resid_dropout=0.0, embed_dropout=0.0,
+        attention_dropout=0.0, bos_token_id=50256, eos_token_id=50256,
+    )
+    model = GPTNeoForCausalLM(cfg).eval()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(REPO_ROOT / "tests" / "fixtures" / "tiny-gptneo" / name, tmp / name)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    print(out)
+
+
 def cmd_verify(args) -> None:
     model_dir = Path(args.model).resolve()
     check_dir_layout(model_dir)
@@ -416,6 +447,10 @@ def main() -> None:
     e.add_argument("--no-check", action="store_true",
                    help="skip the reload / logits / greedy ' Paris' checks")
 
+    r = sub.add_parser("random-gptneo", help="random GPT-Neo-125M-shaped f32 model dir")
+    r.add_argument("--out", default=str(REPO_ROOT / ".cache" / "models" / "gpt-neo-125m-random"))
+    r.add_argument("--force", action="store_true")
+
     v = sub.add_parser("verify", help="check an exported dir")
     v.add_argument("--model", default=str(DEFAULT_OUT))
 
@@ -432,7 +467,12 @@ def main() -> None:
     b.add_argument("--json", action="store_true")
 
     args = ap.parse_args()
-    {"export": cmd_export, "verify": cmd_verify, "bench": cmd_bench}[args.cmd](args)
+    {
+        "export": cmd_export,
+        "random-gptneo": cmd_random_gptneo,
+        "verify": cmd_verify,
+        "bench": cmd_bench,
+    }[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -205,9 +205,27 @@ fn tiny_gpt2_matches_transformers() {
     check_model("tiny-gpt2");
 }
 
+/// Layer 1 attends over a window of 8 positions, shorter than the prompts and the continuation.
+#[test]
+fn tiny_gpt_neo_with_local_attention_matches_transformers() {
+    check_model("tiny-gptneo");
+}
+
+/// f16 weights in pytorch_model.bin; rotary on 8 of each head's 16 dimensions.
+#[test]
+fn tiny_gptj_matches_transformers() {
+    check_model("tiny-gptj");
+}
+
 #[test]
 fn batched_sequences_at_different_positions_match() {
-    for name in ["tiny-llama", "tiny-qwen2", "tiny-gpt2"] {
+    for name in [
+        "tiny-llama",
+        "tiny-qwen2",
+        "tiny-gpt2",
+        "tiny-gptneo",
+        "tiny-gptj",
+    ] {
         check_batch(name);
     }
 }

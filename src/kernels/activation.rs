@@ -14,6 +14,28 @@ pub fn gelu_erf_inplace(values: &mut [f32]) {
     }
 }
 
+/// Tanh-approximated GELU (transformers' `gelu_new` / `gelu_pytorch_tanh`) in place, through
+/// the identity 0.5·(1 + tanh(u)) = 1 / (1 + e^(-2u)), u = √(2/π)·(x + 0.044715·x³).
+pub fn gelu_tanh_inplace(values: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::features().avx512 {
+        // SAFETY: AVX-512F detected.
+        unsafe { x86::gelu_tanh(values) };
+        return;
+    }
+    for v in values.iter_mut() {
+        *v = gelu_tanh_scalar(*v);
+    }
+}
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const CUBIC: f32 = 0.044_715;
+
+fn gelu_tanh_scalar(x: f32) -> f32 {
+    let u = SQRT_2_OVER_PI * (x + CUBIC * x * x * x);
+    0.5 * x * (1.0 + u.tanh())
+}
+
 const P: f32 = 0.327_591_1;
 const A: [f32; 5] = [
     0.254_829_6,
@@ -36,13 +58,16 @@ fn gelu_erf_scalar(x: f32) -> f32 {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{A, P};
+    use super::{A, CUBIC, P, SQRT_2_OVER_PI};
 
-    /// e^y for y ≤ 0 (here y = -z², so no overflow): 2^n · e^r with |r| ≤ ln2/2, degree-6 Taylor.
+    /// e^y, y clamped to [-87, 88]: 2^n · e^r with |r| ≤ ln2/2, degree-6 Taylor.
     #[inline(always)]
-    unsafe fn exp_neg(y: __m512) -> __m512 {
+    unsafe fn exp_clamped(y: __m512) -> __m512 {
         unsafe {
-            let y = _mm512_max_ps(y, _mm512_set1_ps(-87.0));
+            let y = _mm512_min_ps(
+                _mm512_max_ps(y, _mm512_set1_ps(-87.0)),
+                _mm512_set1_ps(88.0),
+            );
             let n = _mm512_roundscale_ps(
                 _mm512_mul_ps(y, _mm512_set1_ps(std::f32::consts::LOG2_E)),
                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
@@ -56,13 +81,14 @@ mod x86 {
         }
     }
 
-    #[target_feature(enable = "avx512f,fma")]
-    pub(super) unsafe fn gelu_erf(values: &mut [f32]) {
+    /// Apply `f` to 16 lanes at a time, the tail through a mask.
+    #[inline(always)]
+    unsafe fn map16(values: &mut [f32], f: impl Fn(__m512) -> __m512) {
         let mut chunks = values.chunks_exact_mut(16);
         for chunk in &mut chunks {
             unsafe {
                 let x = _mm512_loadu_ps(chunk.as_ptr());
-                _mm512_storeu_ps(chunk.as_mut_ptr(), gelu16(x));
+                _mm512_storeu_ps(chunk.as_mut_ptr(), f(x));
             }
         }
         let rest = chunks.into_remainder();
@@ -70,13 +96,37 @@ mod x86 {
             let mask = ((1u32 << rest.len()) - 1) as u16;
             unsafe {
                 let x = _mm512_maskz_loadu_ps(mask, rest.as_ptr());
-                _mm512_mask_storeu_ps(rest.as_mut_ptr(), mask, gelu16(x));
+                _mm512_mask_storeu_ps(rest.as_mut_ptr(), mask, f(x));
             }
         }
     }
 
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn gelu_erf(values: &mut [f32]) {
+        unsafe { map16(values, |x| gelu_erf16(x)) }
+    }
+
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn gelu_tanh(values: &mut [f32]) {
+        unsafe { map16(values, |x| gelu_tanh16(x)) }
+    }
+
+    /// x / (1 + e^(-2u)); for very negative x the exponential saturates and the result is -0.
     #[inline(always)]
-    unsafe fn gelu16(x: __m512) -> __m512 {
+    unsafe fn gelu_tanh16(x: __m512) -> __m512 {
+        unsafe {
+            let x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+            let u = _mm512_mul_ps(
+                _mm512_set1_ps(SQRT_2_OVER_PI),
+                _mm512_fmadd_ps(_mm512_set1_ps(CUBIC), x3, x),
+            );
+            let e = exp_clamped(_mm512_mul_ps(_mm512_set1_ps(-2.0), u));
+            _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0), e))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn gelu_erf16(x: __m512) -> __m512 {
         unsafe {
             let one = _mm512_set1_ps(1.0);
             let z = _mm512_abs_ps(_mm512_mul_ps(
@@ -89,7 +139,7 @@ mod x86 {
                 poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(c));
             }
             poly = _mm512_mul_ps(poly, t);
-            let e = exp_neg(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(z, z)));
+            let e = exp_clamped(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(z, z)));
             let erf_abs = _mm512_fnmadd_ps(poly, e, one);
             // Give erf the sign of x.
             let sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(i32::MIN));
@@ -134,6 +184,25 @@ mod tests {
                 "gelu({x}) = {g}, want {want}"
             );
             assert!((gelu_erf_scalar(*x) as f64 - want).abs() < 2e-6 * (1.0 + want.abs()));
+        }
+    }
+
+    #[test]
+    fn tanh_gelu_matches_its_definition() {
+        let xs: Vec<f32> = (-1000..=1000)
+            .map(|i| i as f32 * 0.01)
+            .chain([-100.0, -40.0, 40.0, 100.0, 0.0])
+            .collect();
+        let mut got = xs.clone();
+        gelu_tanh_inplace(&mut got);
+        for (x, g) in xs.iter().zip(&got) {
+            let x = *x as f64;
+            let u = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x);
+            let want = 0.5 * x * (1.0 + u.tanh());
+            assert!(
+                (*g as f64 - want).abs() < 2e-6 * (1.0 + want.abs()),
+                "gelu_tanh({x}) = {g}, want {want}"
+            );
         }
     }
 }

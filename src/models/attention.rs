@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use super::kv_cache::KvCache;
+use super::SeqInput;
 use crate::error::Result;
 
 /// How rotary embeddings pair up the dimensions of a head.
@@ -91,8 +92,16 @@ impl Rope {
         ))
     }
 
-    /// Rotate x of shape (heads, t, head_dim) with tables from `tables`.
+    /// Rotate x of shape (heads, t, head_dim) with tables from `tables`. When the rotary
+    /// dimension is smaller than the head (GPT-J, GPT-NeoX), the remaining dimensions pass through.
     pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let head_dim = x.dim(D::Minus1)?;
+        let rotary_dim = 2 * self.inv_freq.len();
+        if rotary_dim < head_dim {
+            let rotated = self.apply(&x.narrow(D::Minus1, 0, rotary_dim)?, cos, sin)?;
+            let passed = x.narrow(D::Minus1, rotary_dim, head_dim - rotary_dim)?;
+            return Ok(Tensor::cat(&[rotated, passed.contiguous()?], D::Minus1)?);
+        }
         let x = x.unsqueeze(0)?.contiguous()?;
         let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
         let y = match self.style {
@@ -123,32 +132,123 @@ impl Rope {
     }
 }
 
+/// How a layer attends: head layout, positions, scaling and reach.
+#[derive(Clone, Copy)]
+pub struct AttentionShape<'a> {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Rotary embedding and each sequence's (cos, sin) tables for its new positions;
+    /// `None` for families with learned absolute positions.
+    pub rope: Option<(&'a Rope, &'a [(Tensor, Tensor)])>,
+    /// Multiplier of the q·k scores: 1/sqrt(head_dim) almost everywhere, 1 for GPT-Neo.
+    pub scale: f32,
+    /// Local attention: a position sees only itself and the `window - 1` before it.
+    pub window: Option<usize>,
+}
+
+impl<'a> AttentionShape<'a> {
+    /// The usual layout: scores scaled by 1/sqrt(head_dim), no window.
+    pub fn new(heads: usize, kv_heads: usize, head_dim: usize) -> Self {
+        AttentionShape {
+            heads,
+            kv_heads,
+            head_dim,
+            rope: None,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            window: None,
+        }
+    }
+}
+
+/// Per-sequence rotary tables for a batch's new positions, computed once per forward pass.
+pub fn rope_tables(
+    rope: &Rope,
+    batch: &[SeqInput<'_>],
+    device: &Device,
+) -> Result<Vec<(Tensor, Tensor)>> {
+    batch
+        .iter()
+        .map(|s| rope.tables(s.cache.len(), s.tokens.len(), device))
+        .collect()
+}
+
+/// Causal self-attention of one layer for a whole batch. q: (n, heads·head_dim) and
+/// k, v: (n, kv_heads·head_dim) hold every sequence's new rows packed in batch order;
+/// returns (n, heads·head_dim). Appends the new keys and values to each sequence's cache.
+pub fn batch_attention(
+    shape: &AttentionShape<'_>,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    batch: &mut [SeqInput<'_>],
+    layer: usize,
+) -> Result<Tensor> {
+    // Decode steps on the CPU in f32 take the host path, reading q/k/v rows in place.
+    let decoding = batch.iter().any(|s| s.tokens.len() == 1);
+    let host = if decoding && q.device().is_cpu() && q.dtype() == DType::F32 {
+        Some((
+            q.flatten_all()?.to_vec1::<f32>()?,
+            k.flatten_all()?.to_vec1::<f32>()?,
+            v.flatten_all()?.to_vec1::<f32>()?,
+        ))
+    } else {
+        None
+    };
+    let (heads, kv_heads, head_dim) = (shape.heads, shape.kv_heads, shape.head_dim);
+    super::per_sequence(batch, |i, offset, t, cache| {
+        if let (1, Some((hq, hk, hv))) = (t, &host) {
+            let (qw, kw) = (heads * head_dim, kv_heads * head_dim);
+            return decode_step_attention(
+                shape,
+                hq[offset * qw..(offset + 1) * qw].to_vec(),
+                hk[offset * kw..(offset + 1) * kw].to_vec(),
+                &hv[offset * kw..(offset + 1) * kw],
+                cache,
+                layer,
+            );
+        }
+        // (t, n·head_dim) -> (n, t, head_dim)
+        let split = |x: &Tensor, n: usize| -> Result<Tensor> {
+            Ok(x.narrow(0, offset, t)?
+                .reshape((t, n, head_dim))?
+                .transpose(0, 1)?
+                .contiguous()?)
+        };
+        let (mut q, mut k) = (split(q, heads)?, split(k, kv_heads)?);
+        if let Some((rope, tables)) = shape.rope {
+            let (cos, sin) = &tables[i];
+            q = rope.apply(&q, cos, sin)?;
+            k = rope.apply(&k, cos, sin)?;
+        }
+        causal_attention(shape, &q, &k, &split(v, kv_heads)?, cache, layer)
+    })
+}
+
 /// One decode step (a single new position) of one sequence, on the CPU in f32: rotary
 /// embedding, cache append and attention over the cache read in place. The same result as
 /// [`Rope::apply`] + [`causal_attention`], without the dozen framework ops per sequence and
 /// layer that dominate a batched decode step. q: heads × head_dim; k, v: kv_heads × head_dim.
-#[allow(clippy::too_many_arguments)]
-pub fn decode_step_attention(
-    rope: &Rope,
+fn decode_step_attention(
+    shape: &AttentionShape<'_>,
     mut q: Vec<f32>,
     mut k: Vec<f32>,
-    v: Vec<f32>,
-    head_dim: usize,
+    v: &[f32],
     cache: &mut KvCache,
     layer: usize,
-    window: Option<usize>,
 ) -> Result<Tensor> {
+    let (heads, kv_heads, head_dim) = (shape.heads, shape.kv_heads, shape.head_dim);
     let position = cache.len();
-    let heads = q.len() / head_dim;
-    let kv_heads = k.len() / head_dim;
-    rope.rotate(&mut q, position, head_dim);
-    rope.rotate(&mut k, position, head_dim);
+    if let Some((rope, _)) = shape.rope {
+        rope.rotate(&mut q, position, head_dim);
+        rope.rotate(&mut k, position, head_dim);
+    }
     let device = Device::Cpu;
     let k = Tensor::from_vec(k, (kv_heads, 1, head_dim), &device)?;
-    let v = Tensor::from_vec(v, (kv_heads, 1, head_dim), &device)?;
+    let v = Tensor::from_slice(v, (kv_heads, 1, head_dim), &device)?;
     let (keys, values) = cache.append(layer, &k, &v)?;
     let total = position + 1;
-    let first = window.map_or(0, |w| total.saturating_sub(w));
+    let first = shape.window.map_or(0, |w| total.saturating_sub(w));
     let mut out = vec![0f32; heads * head_dim];
     let (key_storage, key_layout) = keys.storage_and_layout();
     let (value_storage, value_layout) = values.storage_and_layout();
@@ -163,14 +263,13 @@ pub fn decode_step_attention(
     let (ks, vs) = (key_layout.stride(), value_layout.stride());
     let (k0, v0) = (key_layout.start_offset(), value_layout.start_offset());
     let group = heads / kv_heads;
-    let scale = 1.0 / (head_dim as f32).sqrt();
     let mut scores = vec![0f32; total - first];
     for h in 0..heads {
         let kvh = h / group;
         let qh = &q[h * head_dim..(h + 1) * head_dim];
         for (s, j) in scores.iter_mut().zip(first..total) {
             let key = &kd[k0 + kvh * ks[0] + j * ks[1]..][..head_dim];
-            *s = qh.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
+            *s = qh.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * shape.scale;
         }
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
@@ -222,14 +321,15 @@ fn llama3_scale(inv_freq: &mut [f32], s: &RopeScaling) -> Result<()> {
 /// Causal attention of `t` new positions of one sequence.
 /// q: (heads, t, head_dim); k, v: (kv_heads, t, head_dim), already rotated. Appends k, v to the
 /// cache at `layer` and returns (t, heads * head_dim).
-pub fn causal_attention(
+fn causal_attention(
+    shape: &AttentionShape<'_>,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     cache: &mut KvCache,
     layer: usize,
-    window: Option<usize>,
 ) -> Result<Tensor> {
+    let window = shape.window;
     let (heads, t, head_dim) = q.dims3()?;
     let kv_heads = k.dim(0)?;
     let past = cache.len();
@@ -238,8 +338,7 @@ pub fn causal_attention(
     let group = heads / kv_heads;
     // Heads sharing a kv head are adjacent, so grouping them as extra query rows avoids copying K/V.
     let q = q.contiguous()?.reshape((kv_heads, group * t, head_dim))?;
-    let scale = 1.0 / (head_dim as f64).sqrt();
-    let scores = (q.matmul(&keys.t()?)? * scale)?; // (kv_heads, group*t, total)
+    let scores = (q.matmul(&keys.t()?)? * shape.scale as f64)?; // (kv_heads, group*t, total)
     let scores = if t > 1 || window.is_some_and(|w| w < total) {
         let mask = causal_mask(t, past, window, scores.dtype(), scores.device())?; // (t, total)
         scores

@@ -3,9 +3,9 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::attention::causal_attention;
+use super::attention::{batch_attention, AttentionShape};
 use super::kv_cache::KvCache;
-use super::layers::LayerNorm;
+use super::layers::{Activation, LayerNorm};
 use super::{CausalLM, ModelInfo, SeqInput};
 use crate::error::{Error, Result};
 use crate::weights::{Embedding, Linear, LinearWeight, WeightStore};
@@ -65,6 +65,7 @@ pub struct Gpt2 {
     blocks: Vec<Block>,
     ln_f: LayerNorm,
     lm_head: Linear,
+    activation: Activation,
     heads: usize,
     info: ModelInfo,
     dtype: DType,
@@ -73,15 +74,15 @@ pub struct Gpt2 {
 
 impl Gpt2 {
     pub fn load(cfg: &Gpt2Config, w: &WeightStore, dtype: DType, device: &Device) -> Result<Self> {
-        if cfg.activation_function != "gelu_new" && cfg.activation_function != "gelu_pytorch_tanh" {
-            return Err(Error::file(
+        let activation = Activation::from_hf(&cfg.activation_function).ok_or_else(|| {
+            Error::file(
                 w.path(),
                 format!(
-                    "GPT-2 activation `{}` is not supported (supported: gelu_new)",
+                    "GPT-2 activation `{}` is not supported",
                     cfg.activation_function
                 ),
-            ));
-        }
+            )
+        })?;
         // Checkpoints saved from GPT2LMHeadModel prefix names with `transformer.`; GPT2Model's do not.
         let p = if w.contains("transformer.wte.weight") {
             "transformer."
@@ -126,6 +127,7 @@ impl Gpt2 {
             blocks,
             ln_f,
             lm_head,
+            activation,
             heads: cfg.n_head,
             info,
             dtype,
@@ -140,41 +142,23 @@ impl CausalLM for Gpt2 {
     }
 
     fn new_cache(&self) -> KvCache {
-        KvCache::new(
-            self.info.num_layers,
-            self.heads,
-            self.info.head_dim,
-            self.dtype,
-            &self.device,
-        )
+        KvCache::for_model(&self.info, self.dtype, &self.device)
     }
 
     fn forward(&self, batch: &mut [SeqInput<'_>]) -> Result<Tensor> {
         let ids = super::packed_ids(batch, &self.info, &self.device)?;
-        let positions: Vec<u32> = batch
-            .iter()
-            .flat_map(|s| (s.cache.len()..s.cache.len() + s.tokens.len()).map(|p| p as u32))
-            .collect();
-        let positions = Tensor::new(positions, &self.device)?;
-        let mut x = (self.wte.forward(&ids)?.to_dtype(self.dtype)?
-            + self.wpe.index_select(&positions, 0)?)?; // (n, d)
-        let (d, head_dim) = (self.info.head_dim * self.heads, self.info.head_dim);
+        let mut x = super::embed_with_positions(&self.wte, &self.wpe, &ids, batch, self.dtype)?;
+        let d = self.info.head_dim * self.heads;
+        let shape = AttentionShape::new(self.heads, self.heads, self.info.head_dim);
         for (index, block) in self.blocks.iter().enumerate() {
             let qkv = block.c_attn.forward(&block.ln_1.forward(&x)?)?; // (n, 3d)
-            let attended = super::per_sequence(batch, |_, offset, t, cache| {
-                // (t, 3d) -> q, k, v each (heads, t, head_dim)
-                let part = |i: usize| -> Result<Tensor> {
-                    Ok(qkv
-                        .narrow(0, offset, t)?
-                        .narrow(1, i * d, d)?
-                        .reshape((t, self.heads, head_dim))?
-                        .transpose(0, 1)?
-                        .contiguous()?)
-                };
-                causal_attention(&part(0)?, &part(1)?, &part(2)?, cache, index, None)
-            })?;
+            let column = |i: usize| qkv.narrow(1, i * d, d);
+            let attended =
+                batch_attention(&shape, &column(0)?, &column(1)?, &column(2)?, batch, index)?;
             x = (x + block.attn_proj.forward(&attended)?)?;
-            let h = block.c_fc.forward(&block.ln_2.forward(&x)?)?.gelu()?;
+            let h = self
+                .activation
+                .forward(&block.c_fc.forward(&block.ln_2.forward(&x)?)?)?;
             x = (x + block.mlp_proj.forward(&h)?)?;
         }
         let x = super::finish_batch(&x, batch)?;

@@ -48,6 +48,11 @@ impl KvCache {
         }
     }
 
+    /// An empty cache shaped for a model's layers and key/value heads.
+    pub fn for_model(info: &super::ModelInfo, dtype: DType, device: &Device) -> Self {
+        Self::new(info.num_layers, info.kv_heads, info.head_dim, dtype, device)
+    }
+
     /// Number of positions already stored (the next token's position).
     pub fn len(&self) -> usize {
         self.len

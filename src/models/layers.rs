@@ -3,6 +3,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
+use crate::kernels::activation;
 use crate::weights::WeightStore;
 
 /// LayerNorm with weight and bias (`name.weight`, `name.bias`).
@@ -65,16 +66,24 @@ impl Activation {
 
     pub fn forward(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Activation::Gelu if x.device().is_cpu() && x.dtype() == DType::F32 => {
-                let mut values = x.flatten_all()?.to_vec1::<f32>()?;
-                crate::kernels::activation::gelu_erf_inplace(&mut values);
-                Tensor::from_vec(values, x.shape(), x.device())?
-            }
+            Activation::Gelu if host_f32(x) => map_host(x, activation::gelu_erf_inplace)?,
             Activation::Gelu => x.gelu_erf()?,
+            Activation::GeluTanh if host_f32(x) => map_host(x, activation::gelu_tanh_inplace)?,
             Activation::GeluTanh => x.gelu()?,
             Activation::Relu => x.relu()?,
             Activation::Silu => x.silu()?,
             Activation::Tanh => x.tanh()?,
         })
     }
+}
+
+fn host_f32(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// Run one of our element-wise kernels over a CPU f32 tensor's values.
+fn map_host(x: &Tensor, kernel: fn(&mut [f32])) -> Result<Tensor> {
+    let mut values = x.flatten_all()?.to_vec1::<f32>()?;
+    kernel(&mut values);
+    Ok(Tensor::from_vec(values, x.shape(), x.device())?)
 }

@@ -3,7 +3,9 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::attention::{causal_attention, decode_step_attention, Rope, RopeScaling, RopeStyle};
+use super::attention::{
+    batch_attention, rope_tables, AttentionShape, Rope, RopeScaling, RopeStyle,
+};
 use super::kv_cache::KvCache;
 use super::{CausalLM, ModelInfo, SeqInput};
 use crate::error::{Error, Result};
@@ -340,70 +342,29 @@ impl CausalLM for Llama {
     }
 
     fn new_cache(&self) -> KvCache {
-        KvCache::new(
-            self.info.num_layers,
-            self.info.kv_heads,
-            self.info.head_dim,
-            self.dtype,
-            &self.device,
-        )
+        KvCache::for_model(&self.info, self.dtype, &self.device)
     }
 
     fn forward(&self, batch: &mut [SeqInput<'_>]) -> Result<Tensor> {
         let ids = super::packed_ids(batch, &self.info, &self.device)?;
         let mut x = self.embed_tokens.forward(&ids)?.to_dtype(self.dtype)?; // (n, hidden)
-        let tables = batch
-            .iter()
-            .map(|s| {
-                self.rope
-                    .tables(s.cache.len(), s.tokens.len(), &self.device)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let tables = rope_tables(&self.rope, batch, &self.device)?;
         for (index, layer) in self.layers.iter().enumerate() {
             let attn = &layer.self_attn;
             let h = layer.input_layernorm.forward(&x)?;
-            let (q, k, v) = (
-                attn.q_proj.forward(&h)?,
-                attn.k_proj.forward(&h)?,
-                attn.v_proj.forward(&h)?,
-            );
-            // Decode steps on the CPU in f32 take the host path, reading q/k/v rows in place.
-            let decoding = batch.iter().any(|s| s.tokens.len() == 1);
-            let host = if decoding && self.device.is_cpu() && self.dtype == DType::F32 {
-                Some((
-                    q.flatten_all()?.to_vec1::<f32>()?,
-                    k.flatten_all()?.to_vec1::<f32>()?,
-                    v.flatten_all()?.to_vec1::<f32>()?,
-                ))
-            } else {
-                None
+            let shape = AttentionShape {
+                rope: Some((&self.rope, &tables)),
+                window: self.window,
+                ..AttentionShape::new(attn.heads, attn.kv_heads, attn.head_dim)
             };
-            let attended = super::per_sequence(batch, |i, offset, t, cache| {
-                if let (1, Some((hq, hk, hv))) = (t, &host) {
-                    let (qw, kw) = (attn.heads * attn.head_dim, attn.kv_heads * attn.head_dim);
-                    return decode_step_attention(
-                        &self.rope,
-                        hq[offset * qw..(offset + 1) * qw].to_vec(),
-                        hk[offset * kw..(offset + 1) * kw].to_vec(),
-                        hv[offset * kw..(offset + 1) * kw].to_vec(),
-                        attn.head_dim,
-                        cache,
-                        index,
-                        self.window,
-                    );
-                }
-                let (cos, sin) = &tables[i];
-                // (t, heads*head_dim) -> (heads, t, head_dim)
-                let split = |x: &Tensor, n: usize| -> Result<Tensor> {
-                    Ok(x.narrow(0, offset, t)?
-                        .reshape((t, n, attn.head_dim))?
-                        .transpose(0, 1)?)
-                };
-                let q = self.rope.apply(&split(&q, attn.heads)?, cos, sin)?;
-                let k = self.rope.apply(&split(&k, attn.kv_heads)?, cos, sin)?;
-                let v = split(&v, attn.kv_heads)?;
-                causal_attention(&q, &k, &v, cache, index, self.window)
-            })?;
+            let attended = batch_attention(
+                &shape,
+                &attn.q_proj.forward(&h)?,
+                &attn.k_proj.forward(&h)?,
+                &attn.v_proj.forward(&h)?,
+                batch,
+                index,
+            )?;
             x = (x + attn.o_proj.forward(&attended)?)?;
             let h = layer.post_attention_layernorm.forward(&x)?;
             x = (x + layer.mlp.forward(&h)?)?;

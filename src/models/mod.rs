@@ -4,6 +4,8 @@
 pub mod attention;
 pub mod bert;
 pub mod gpt2;
+pub mod gpt_neo;
+pub mod gptj;
 pub mod kv_cache;
 pub mod layers;
 pub mod llama;
@@ -16,7 +18,7 @@ pub use kv_cache::KvCache;
 
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
-use crate::weights::{GgufFile, ModelSource, WeightStore};
+use crate::weights::{Embedding, GgufFile, ModelSource, WeightStore};
 
 /// Facts about a loaded decoder that callers need.
 #[derive(Clone, Debug)]
@@ -84,6 +86,24 @@ pub(crate) fn packed_ids(
         ids.extend_from_slice(seq.tokens);
     }
     Ok(Tensor::new(ids, device)?)
+}
+
+/// Token embeddings plus learned absolute position embeddings (GPT-2, GPT-Neo): each new
+/// token sits at its sequence's cache length onwards. Returns (n, hidden) in `dtype`.
+pub(crate) fn embed_with_positions(
+    token_table: &Embedding,
+    position_table: &Tensor,
+    ids: &Tensor,
+    batch: &[SeqInput<'_>],
+    dtype: DType,
+) -> Result<Tensor> {
+    let positions: Vec<u32> = batch
+        .iter()
+        .flat_map(|s| (s.cache.len()..s.cache.len() + s.tokens.len()).map(|p| p as u32))
+        .collect();
+    let positions = Tensor::new(positions, position_table.device())?;
+    Ok((token_table.forward(ids)?.to_dtype(dtype)?
+        + position_table.index_select(&positions, 0)?)?)
 }
 
 /// Run `attend(i, row_offset, t, cache)` for each sequence `i` of the batch (its `t` new rows start
@@ -157,8 +177,16 @@ pub struct LanguageModel {
     pub source: ModelSource,
 }
 
-const SUPPORTED_DECODERS: &str =
-    "llama, mistral, qwen2 (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM), gpt2";
+/// A family's config struct from config.json's value (its type is inferred at the call).
+fn parse_config<C: serde::de::DeserializeOwned>(
+    config: serde_json::Value,
+    path: &std::path::Path,
+) -> Result<C> {
+    serde_json::from_value(config).map_err(|e| Error::file(path, format!("invalid config: {e}")))
+}
+
+const SUPPORTED_DECODERS: &str = "llama, mistral, qwen2 (LlamaForCausalLM, MistralForCausalLM, \
+     Qwen2ForCausalLM), gpt2, gpt_neo (GPTNeoForCausalLM), gptj (GPTJForCausalLM)";
 
 impl LanguageModel {
     /// Load a decoder and its tokenizer from a model spec (path or hub id).
@@ -181,31 +209,33 @@ impl LanguageModel {
                     .unwrap_or("")
                     .to_string();
                 let weights = WeightStore::open_hf_dir(dir)?;
-                let parse_err = |e: serde_json::Error| {
-                    Error::file(&config_path, format!("invalid config: {e}"))
-                };
+                let (dtype, device) = (options.dtype, &options.device);
                 let model: Arc<dyn CausalLM> = match model_type.as_str() {
-                    "llama" | "mistral" | "qwen2" => {
-                        let cfg: llama::LlamaConfig =
-                            serde_json::from_value(config).map_err(parse_err)?;
-                        Arc::new(llama::Llama::load(
-                            &cfg,
-                            &weights,
-                            attention::RopeStyle::Half,
-                            options.dtype,
-                            &options.device,
-                        )?)
-                    }
-                    "gpt2" => {
-                        let cfg: gpt2::Gpt2Config =
-                            serde_json::from_value(config).map_err(parse_err)?;
-                        Arc::new(gpt2::Gpt2::load(
-                            &cfg,
-                            &weights,
-                            options.dtype,
-                            &options.device,
-                        )?)
-                    }
+                    "llama" | "mistral" | "qwen2" => Arc::new(llama::Llama::load(
+                        &parse_config(config, &config_path)?,
+                        &weights,
+                        attention::RopeStyle::Half,
+                        dtype,
+                        device,
+                    )?),
+                    "gpt2" => Arc::new(gpt2::Gpt2::load(
+                        &parse_config(config, &config_path)?,
+                        &weights,
+                        dtype,
+                        device,
+                    )?),
+                    "gpt_neo" => Arc::new(gpt_neo::GptNeo::load(
+                        &parse_config(config, &config_path)?,
+                        &weights,
+                        dtype,
+                        device,
+                    )?),
+                    "gptj" => Arc::new(gptj::Gptj::load(
+                        &parse_config(config, &config_path)?,
+                        &weights,
+                        dtype,
+                        device,
+                    )?),
                     other => {
                         return Err(Error::UnsupportedArchitecture {
                             found: if other.is_empty() {
