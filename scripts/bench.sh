@@ -4,6 +4,7 @@
 #   PYTHON=/path/to/python scripts/bench.sh   also f32 safetensors vs PyTorch transformers, and
 #                                             all-MiniLM-L6-v2 embeddings vs sentence-transformers
 #   ONLY=embed PYTHON=... scripts/bench.sh     only the embedding comparison
+#   ONLY=gptneo PYTHON=... scripts/bench.sh    only GPT-Neo-125M-shaped random weights (f32) vs PyTorch
 # LLAMA_BENCH: path to a llama-bench binary you built yourself from llama.cpp's source.
 # Set THREADS (default 2) and ROUNDS (default 2: the peers alternate, so a noisy neighbour hits both).
 set -euo pipefail
@@ -25,6 +26,18 @@ embed_round() {
     "$PYTHON" scripts/bench_embed_torch.py --model "$MINILM" --threads "$THREADS" --batch "$batch" --file "$SENTENCES" --repetitions 3 --json 2>/dev/null
   done
 }
+
+gptneo_round() {
+  NEO="$WORDLOOM_CACHE/models/gpt-neo-125m-random"
+  [ -f "$NEO/model.safetensors" ] || "$PYTHON" scripts/bench_transformers.py random-gptneo --out "$NEO" >&2
+  $W bench -m "$NEO" --threads "$THREADS" --prompt-tokens 512 --gen-tokens 128 --repetitions 3 --json
+  "$PYTHON" scripts/bench_transformers.py bench --model "$NEO" --threads "$THREADS" --prompt-tokens 512 --gen-tokens 128 --repetitions 3 --json 2>/dev/null
+}
+
+if [ "${ONLY:-}" = gptneo ]; then
+  for round in $(seq "$ROUNDS"); do echo "== round $round, $THREADS threads"; gptneo_round; done
+  exit 0
+fi
 
 if [ "${ONLY:-}" = embed ]; then
   for round in $(seq "$ROUNDS"); do echo "== round $round, $THREADS threads"; embed_round; done

@@ -47,6 +47,9 @@ pub enum Error {
     #[error("hub: {0}")]
     Hub(String),
 
+    #[error("remote API: {0}")]
+    Remote(String),
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 

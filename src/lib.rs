@@ -2,12 +2,13 @@
 //! generation, chat, perplexity — from one Rust library and binary.
 //!
 //! Layers, top to bottom (nothing below imports what is above):
-//! `tasks`/`generate` -> `models` -> `tokenizer` -> `weights`.
+//! `serve` -> `remote` -> `tasks`/`generate` -> `models` -> `tokenizer` -> `weights`.
 
 pub mod error;
 pub mod generate;
 pub mod kernels;
 pub mod models;
+pub mod remote;
 pub mod serve;
 pub mod tasks;
 pub mod tokenizer;

@@ -3,16 +3,18 @@ use std::io::{BufRead, IsTerminal, Read, Write};
 use anyhow::Result;
 use clap::Args;
 use wordloom::generate::{generate, GenerationParams};
+use wordloom::remote::Generator;
 use wordloom::tokenizer::ChatMessage;
-use wordloom::LanguageModel;
 
-use super::generate::SamplingArgs;
-use super::ModelArgs;
+use super::generate::{finish, print_piece, SamplingArgs};
+use super::{ModelArgs, RemoteArgs};
 
 #[derive(Args)]
 pub struct ChatArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// Answer this one message and exit (otherwise: interactive on a terminal, or stdin as the message).
     #[arg(long)]
     pub prompt: Option<String>,
@@ -29,7 +31,7 @@ pub struct ChatArgs {
 pub fn run(args: ChatArgs) -> Result<()> {
     let params = args.sampling.params();
     params.validate()?;
-    let lm = args.model.load()?;
+    let generator = args.model.generator(&args.remote)?;
     let mut history: Vec<ChatMessage> = args
         .system
         .iter()
@@ -47,12 +49,13 @@ pub fn run(args: ChatArgs) -> Result<()> {
     };
     if let Some(prompt) = one_shot {
         history.push(ChatMessage::new("user", prompt));
-        return answer(&lm, &history, &params, args.json).map(|_| ());
+        return answer(&generator, &history, &params, args.json).map(|_| ());
     }
-    eprintln!(
-        "Chatting with {} — empty line or Ctrl-D to quit, /reset to clear history.",
-        lm.source.path().display()
-    );
+    let name = match &generator {
+        Generator::Local(lm) => lm.source.path().display().to_string(),
+        Generator::Remote(remote) => format!("{} at {}", remote.model(), remote.api_base()),
+    };
+    eprintln!("Chatting with {name} — empty line or Ctrl-D to quit, /reset to clear history.");
     loop {
         eprint!("> ");
         std::io::stderr().flush()?;
@@ -65,7 +68,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
             continue;
         }
         history.push(ChatMessage::new("user", line.trim_end()));
-        match answer(&lm, &history, &params, args.json) {
+        match answer(&generator, &history, &params, args.json) {
             Ok(reply) => history.push(ChatMessage::new("assistant", reply)),
             Err(err) => {
                 eprintln!("error: {err:#}");
@@ -75,26 +78,26 @@ pub fn run(args: ChatArgs) -> Result<()> {
     }
 }
 
-/// Render the conversation, generate the assistant's reply, stream or print it; returns the reply.
+/// Generate the assistant's reply (rendering the chat template for a local model), stream or
+/// print it; returns the reply.
 fn answer(
-    lm: &LanguageModel,
+    generator: &Generator,
     history: &[ChatMessage],
     params: &GenerationParams,
     json: bool,
 ) -> Result<String> {
+    let lm = match generator {
+        Generator::Local(lm) => lm,
+        Generator::Remote(remote) => {
+            let completion = remote.chat(history, params, print_piece(json))?;
+            finish(json, &completion)?;
+            return Ok(completion.text);
+        }
+    };
     let rendered = lm.tokenizer.apply_chat_template(history)?;
     // The template writes any BOS itself, as transformers' apply_chat_template(tokenize=True) assumes.
     let prompt_ids = lm.tokenizer.encode(&rendered, false)?;
-    if json {
-        let completion = generate(lm, prompt_ids, params, |_| {})?;
-        println!("{}", serde_json::to_string(&completion)?);
-        return Ok(completion.text);
-    }
-    let mut out = std::io::stdout().lock();
-    let completion = generate(lm, prompt_ids, params, |text| {
-        let _ = out.write_all(text.as_bytes());
-        let _ = out.flush();
-    })?;
-    writeln!(out)?;
+    let completion = generate(lm, prompt_ids, params, print_piece(json))?;
+    finish(json, &completion)?;
     Ok(completion.text)
 }

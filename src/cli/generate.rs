@@ -4,7 +4,8 @@ use anyhow::Result;
 use clap::Args;
 use wordloom::generate::{generate, GenerationParams, SamplingParams};
 
-use super::ModelArgs;
+use super::{ModelArgs, RemoteArgs};
+use wordloom::remote::Generator;
 
 /// Sampling and stopping flags shared by `generate` and `chat`.
 #[derive(Args, Clone)]
@@ -72,6 +73,8 @@ impl SamplingArgs {
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// The raw prompt.
     #[arg(long)]
     pub prompt: String,
@@ -85,18 +88,35 @@ pub struct GenerateArgs {
 pub fn run(args: GenerateArgs) -> Result<()> {
     let params = args.sampling.params();
     params.validate()?;
-    let lm = args.model.load()?;
+    let lm = match args.model.generator(&args.remote)? {
+        Generator::Local(lm) => lm,
+        Generator::Remote(remote) => {
+            let completion = remote.complete(&args.prompt, &params, print_piece(args.json))?;
+            return finish(args.json, &completion);
+        }
+    };
     let prompt_ids = lm.tokenizer.encode(&args.prompt, true)?;
-    if args.json {
-        let completion = generate(&lm, prompt_ids, &params, |_| {})?;
-        println!("{}", serde_json::to_string(&completion)?);
-    } else {
-        let mut out = std::io::stdout().lock();
-        generate(&lm, prompt_ids, &params, |text| {
+    let completion = generate(&lm, prompt_ids, &params, print_piece(args.json))?;
+    finish(args.json, &completion)
+}
+
+/// Where streamed text goes: stdout as it arrives, or nowhere when a JSON object is printed at the end.
+pub fn print_piece(json: bool) -> impl FnMut(&str) {
+    move |text: &str| {
+        if !json {
+            let mut out = std::io::stdout().lock();
             let _ = out.write_all(text.as_bytes());
             let _ = out.flush();
-        })?;
-        writeln!(out)?;
+        }
+    }
+}
+
+/// End the output: a newline after streamed text, or the whole result as one JSON object.
+pub fn finish(json: bool, result: &impl serde::Serialize) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(result)?);
+    } else {
+        println!();
     }
     Ok(())
 }

@@ -15,6 +15,7 @@ mod texts;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use wordloom::remote::{remote_model_name, Generator, RemoteConfig, RemoteModel};
 use wordloom::weights::packaged::SMOLLM2;
 use wordloom::{LanguageModel, LoadOptions};
 
@@ -60,7 +61,8 @@ enum Command {
 /// Options every model-running command takes.
 #[derive(Args, Clone)]
 pub struct ModelArgs {
-    /// Model: a directory in HF layout, a .gguf file, or a hub id `org/name[:file.gguf]`.
+    /// Model: a directory in HF layout, a .gguf file, a hub id `org/name[:file.gguf]`, or (for
+    /// generate, chat and serve) `openai:MODEL` on a remote OpenAI-compatible API.
     /// Default: SmolLM2-135M-Instruct (Q4_1), fetched on first use.
     #[arg(short, long)]
     pub model: Option<String>,
@@ -83,7 +85,57 @@ impl ModelArgs {
     }
 
     pub fn load(&self) -> Result<LanguageModel> {
-        Ok(LanguageModel::load(&self.spec()?, &LoadOptions::default())?)
+        let spec = self.spec()?;
+        anyhow::ensure!(
+            remote_model_name(&spec).is_none(),
+            "`{spec}` is a remote model; this command needs local weights (a directory, .gguf file or hub id)"
+        );
+        Ok(LanguageModel::load(&spec, &LoadOptions::default())?)
+    }
+
+    /// Local weights, or a remote API for `-m openai:MODEL`.
+    pub fn generator(&self, remote: &RemoteArgs) -> Result<Generator> {
+        let spec = self.spec()?;
+        match remote_model_name(&spec) {
+            Some(model) => Ok(Generator::Remote(remote.connect(model)?)),
+            None => Ok(Generator::Local(self.load()?)),
+        }
+    }
+}
+
+/// How to reach a remote OpenAI-compatible API (`-m openai:MODEL`).
+#[derive(Args, Clone)]
+pub struct RemoteArgs {
+    /// Base URL of the API for `-m openai:MODEL`, e.g. http://127.0.0.1:8080/v1.
+    #[arg(
+        long,
+        env = "OPENAI_BASE_URL",
+        default_value = "https://api.openai.com/v1"
+    )]
+    pub api_base: String,
+    /// Environment variable holding the API key (sent as a Bearer token; never printed).
+    #[arg(long, default_value = "OPENAI_API_KEY")]
+    pub api_key_env: String,
+    /// Seconds to wait for the connection and for each streamed piece.
+    #[arg(long, default_value_t = 120)]
+    pub api_timeout: u64,
+    /// Retries after 429, 5xx or a failed connection (with exponential backoff).
+    #[arg(long, default_value_t = 3)]
+    pub api_retries: u32,
+}
+
+impl RemoteArgs {
+    pub fn connect(&self, model: &str) -> Result<RemoteModel> {
+        let api_key = std::env::var(&self.api_key_env)
+            .ok()
+            .filter(|k| !k.is_empty());
+        Ok(RemoteModel::new(RemoteConfig {
+            api_base: self.api_base.clone(),
+            model: model.to_string(),
+            api_key,
+            timeout: std::time::Duration::from_secs(self.api_timeout.max(1)),
+            max_retries: self.api_retries,
+        })?)
     }
 }
 

@@ -1,16 +1,19 @@
 use anyhow::{Context, Result};
 use clap::Args;
+use wordloom::remote::Generator;
 use wordloom::serve::{serve, ServeOptions, ServedModels};
 use wordloom::tasks::embed::Embedder;
 use wordloom::tasks::encoder::EncoderModel;
-use wordloom::{LanguageModel, LoadOptions};
+use wordloom::LoadOptions;
 
-use super::ModelArgs;
+use super::{ModelArgs, RemoteArgs};
 
 #[derive(Args)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub remote: RemoteArgs,
     /// Name clients use for the chat model (default: the model file or directory name).
     #[arg(long)]
     pub model_name: Option<String>,
@@ -59,11 +62,11 @@ fn default_name(spec: &str) -> String {
 pub fn run(args: ServeArgs) -> Result<()> {
     anyhow::ensure!(args.max_batch >= 1, "--max-batch must be at least 1");
     let spec = args.model.spec()?;
-    let lm = LanguageModel::load(&spec, &LoadOptions::default())?;
-    let chat_name = args
-        .model_name
-        .clone()
-        .unwrap_or_else(|| default_name(&spec));
+    let generator = args.model.generator(&args.remote)?;
+    let chat_name = args.model_name.clone().unwrap_or_else(|| match &generator {
+        Generator::Remote(remote) => remote.model().to_string(),
+        Generator::Local(_) => default_name(&spec),
+    });
     let embedding = match &args.embedding_model {
         Some(spec) => Some((
             default_name(spec),
@@ -103,7 +106,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
     runtime.block_on(serve(
         options,
         ServedModels {
-            chat: Some((chat_name, lm)),
+            chat: Some((chat_name, generator)),
             embedding,
             classifier,
         },

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod engine;
 pub mod metrics;
+mod proxy;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -32,6 +33,7 @@ use metrics::Metrics;
 
 use crate::generate::sampling::{LogprobEntry, SamplingParams};
 use crate::generate::sequence::{FinishReason, GenerationParams, Sequence};
+use crate::remote::{Generator, RemoteModel};
 use crate::tasks::classify::classify;
 use crate::tasks::embed::Embedder;
 use crate::tasks::encoder::EncoderModel;
@@ -59,13 +61,15 @@ pub struct ServeOptions {
 
 /// The models a server offers, by the names clients use.
 pub struct ServedModels {
-    pub chat: Option<(String, LanguageModel)>,
+    pub chat: Option<(String, Generator)>,
     pub embedding: Option<(String, Embedder)>,
     pub classifier: Option<(String, EncoderModel)>,
 }
 
 struct AppState {
     chat: Option<(String, LanguageModel, Engine)>,
+    /// Chat and completions relayed to a remote API instead of a local model.
+    remote: Option<(String, Arc<RemoteModel>)>,
     embedding: Option<(String, Arc<Embedder>)>,
     classifier: Option<(String, Arc<EncoderModel>)>,
     /// Runs encoder work so that it does not occupy the async workers.
@@ -120,8 +124,13 @@ fn router(state: Shared, body_limit: usize) -> Router {
 pub async fn serve(options: ServeOptions, models: ServedModels) -> crate::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let mut context = 0;
+    let mut remote = None;
     let chat = match models.chat {
-        Some((name, lm)) => {
+        Some((name, Generator::Remote(model))) => {
+            remote = Some((name, Arc::new(model)));
+            None
+        }
+        Some((name, Generator::Local(lm))) => {
             context = options
                 .ctx
                 .unwrap_or(usize::MAX)
@@ -143,6 +152,7 @@ pub async fn serve(options: ServeOptions, models: ServedModels) -> crate::Result
         .map_err(|e| crate::Error::invalid(format!("cannot start encoder threads: {e}")))?;
     let state = Arc::new(AppState {
         chat,
+        remote,
         embedding: models.embedding.map(|(n, e)| (n, Arc::new(e))),
         classifier: models.classifier.map(|(n, c)| (n, Arc::new(c))),
         encoder_pool,
@@ -307,6 +317,9 @@ async fn model_by_id(
 fn served_names(state: &AppState) -> Vec<String> {
     let mut names = Vec::new();
     if let Some((n, _, _)) = &state.chat {
+        names.push(n.clone());
+    }
+    if let Some((n, _)) = &state.remote {
         names.push(n.clone());
     }
     if let Some((n, _)) = &state.embedding {
@@ -558,10 +571,27 @@ fn new_id(state: &AppState, prefix: &str) -> String {
     )
 }
 
+/// Generation is remote: check the request and relay it.
+async fn relay(
+    state: &AppState,
+    name: &str,
+    remote: &Arc<RemoteModel>,
+    body: Result<Bytes, BytesRejection>,
+    path: &'static str,
+) -> Result<Response, ApiError> {
+    let request: Value = api::parse_body(body)?;
+    let requested = request.get("model").and_then(Value::as_str);
+    check_model(state, requested, Some(name), "chat")?;
+    proxy::forward(remote.clone(), path, request).await
+}
+
 async fn chat_completions(
     State(state): State<Shared>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    if let Some((name, remote)) = &state.remote {
+        return relay(&state, name, remote, body, "/chat/completions").await;
+    }
     let request: ChatRequest = api::parse_body(body)?;
     let serving = state.chat.as_ref().map(|(n, _, _)| n.as_str());
     check_model(&state, request.model.as_deref(), serving, "chat")?;
@@ -596,6 +626,9 @@ async fn completions(
     State(state): State<Shared>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    if let Some((name, remote)) = &state.remote {
+        return relay(&state, name, remote, body, "/completions").await;
+    }
     let request: CompletionRequest = api::parse_body(body)?;
     let serving = state.chat.as_ref().map(|(n, _, _)| n.as_str());
     check_model(&state, request.model.as_deref(), serving, "completion")?;

