@@ -338,3 +338,45 @@ fn json_object_mode_always_returns_parseable_json() {
     let (status, _, value) = post(&server.base, "/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}).to_string(), None);
     assert_error(status, &value, 400, "xml");
 }
+
+/// GPT-Neo's local-window layers under continuous batching: prompts of different lengths, all
+/// past the window of 8, decoded together give the reference greedy tokens of each alone.
+#[test]
+fn gpt_neo_sequences_batched_together_match_the_reference() {
+    let server = start(&[
+        "-m",
+        fixture("tiny-gptneo").to_str().unwrap(),
+        "--max-batch",
+        "8",
+    ]);
+    let reference = common::read_json("tiny-gptneo/reference.json");
+    let cases = reference["cases"].as_array().unwrap().clone();
+    let handles: Vec<_> = cases
+        .iter()
+        .map(|case| {
+            let base = server.base.clone();
+            // Token-id prompts, greedy, one log-probability entry per token to read the ids back.
+            let body = json!({"prompt": case["prompt_ids"], "max_tokens": 20, "temperature": 0,
+                              "logprobs": 0});
+            std::thread::spawn(move || post(&base, "/v1/completions", &body.to_string(), None))
+        })
+        .collect();
+    for (case, handle) in cases.iter().zip(handles) {
+        let (status, _, value) = handle.join().unwrap();
+        assert_eq!(status, 200, "{value}");
+        let tokens = value["choices"][0]["logprobs"]["tokens"]
+            .as_array()
+            .unwrap()
+            .len();
+        let expected_ids = common::ids(&case["greedy_ids"]);
+        let eos = expected_ids.iter().position(|&id| id == 0);
+        assert_eq!(tokens, eos.unwrap_or(20), "{value}");
+        let text = value["choices"][0]["text"].as_str().unwrap();
+        assert_eq!(
+            text,
+            case["greedy_text"].as_str().unwrap(),
+            "{}",
+            case["prompt"]
+        );
+    }
+}
