@@ -2,7 +2,7 @@
 //! generation, chat, perplexity — from one Rust library and binary.
 //!
 //! Layers, top to bottom (nothing below imports what is above):
-//! `serve` -> `remote` -> `tasks`/`generate` -> `models` -> `tokenizer` -> `weights`.
+//! `serve` -> `remote` -> `train` -> `tasks`/`generate` -> `models` -> `tokenizer` -> `weights`.
 
 pub mod error;
 pub mod generate;
@@ -12,6 +12,7 @@ pub mod remote;
 pub mod serve;
 pub mod tasks;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::layers::{Activation, LayerNorm};
 use crate::error::{Error, Result};
-use crate::weights::{Embedding, Linear, LinearWeight, WeightStore};
+use crate::weights::{Embedding, Linear, WeightStore};
 
 pub const SUPPORTED_ENCODERS: &str = "bert, roberta, xlm-roberta, camembert, distilbert";
 
@@ -65,7 +65,7 @@ pub enum Flavor {
 }
 
 impl Flavor {
-    fn from_model_type(model_type: &str) -> Option<Self> {
+    pub fn from_model_type(model_type: &str) -> Option<Self> {
         Some(match model_type {
             "bert" => Flavor::Bert,
             "roberta" | "xlm-roberta" | "camembert" => Flavor::Roberta,
@@ -75,7 +75,7 @@ impl Flavor {
     }
 
     /// The prefix of encoder tensors in checkpoints saved from a model with a head.
-    fn head_prefix(self) -> &'static str {
+    pub fn head_prefix(self) -> &'static str {
         match self {
             Flavor::Bert => "bert.",
             Flavor::Roberta => "roberta.",
@@ -238,7 +238,7 @@ impl Encoder {
                 biases.push(w.tensor(&format!("{name}.bias"), &[h], dtype, device)?);
             }
             Linear::new(
-                LinearWeight::dense(Tensor::cat(&weights, 0)?)?,
+                w.dense_weight(Tensor::cat(&weights, 0)?)?,
                 Some(Tensor::cat(&biases, 0)?),
                 h,
                 3 * h,
@@ -433,7 +433,7 @@ impl Encoder {
         let h = three_h / 3;
         let heads = self.config.num_attention_heads;
         let hd = h / heads;
-        if qkv.device().is_cpu() && qkv.dtype() == DType::F32 {
+        if qkv.device().is_cpu() && qkv.dtype() == DType::F32 && !qkv.track_op() {
             let data = qkv.flatten_all()?.to_vec1::<f32>()?;
             let mut out = vec![0f32; b * t * h];
             crate::kernels::attention::bidirectional_attention(
@@ -454,7 +454,11 @@ impl Encoder {
         if let Some(bias) = mask_bias {
             scores = scores.broadcast_add(bias)?;
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = if scores.track_op() {
+            candle_nn::ops::softmax(&scores, D::Minus1)? // differentiable
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
         Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?)
     }
 

@@ -8,7 +8,7 @@ use super::kv_cache::KvCache;
 use super::layers::{Activation, LayerNorm};
 use super::{CausalLM, ModelInfo, SeqInput};
 use crate::error::{Error, Result};
-use crate::weights::{Embedding, Linear, LinearWeight, WeightStore};
+use crate::weights::{Embedding, Linear, WeightStore};
 
 /// config.json of a GPT-2 checkpoint.
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -46,7 +46,7 @@ fn conv1d(
         .t()?
         .contiguous()?;
     let bias = w.tensor(&format!("{name}.bias"), &[out], dtype, device)?;
-    Linear::new(LinearWeight::dense(weight)?, Some(bias), inp, out)
+    Linear::new(w.dense_weight(weight)?, Some(bias), inp, out)
 }
 
 struct Block {

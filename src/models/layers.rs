@@ -31,6 +31,15 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // The fused kernel has no backward pass; training takes the composite one.
+        if self.weight.track_op() || x.track_op() {
+            return Ok(candle_nn::ops::layer_norm_slow(
+                x,
+                &self.weight,
+                &self.bias,
+                self.eps,
+            )?);
+        }
         Ok(candle_nn::ops::layer_norm(
             x,
             &self.weight,
@@ -77,8 +86,9 @@ impl Activation {
     }
 }
 
+/// Whether our host kernels may run: CPU f32, and no gradient to carry (they leave the graph).
 fn host_f32(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
+    x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op()
 }
 
 /// Run one of our element-wise kernels over a CPU f32 tensor's values.

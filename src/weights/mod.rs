@@ -3,10 +3,12 @@
 pub mod gguf;
 pub mod linear;
 pub mod packaged;
+pub mod params;
 pub mod source;
 pub mod store;
 
 pub use gguf::GgufFile;
 pub use linear::{Embedding, Linear, LinearWeight};
+pub use params::{FreshInit, Parameters};
 pub use source::ModelSource;
 pub use store::WeightStore;

@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::gguf::GgufFile;
 use super::linear::{Embedding, Linear, LinearWeight, QuantWeight};
+use super::params::Parameters;
 use crate::error::{Error, Result};
 use crate::kernels::QuantKind;
 
@@ -54,6 +55,8 @@ pub enum WeightStore {
         tensors: PthTensors,
         path: PathBuf,
     },
+    /// Trainable f32 parameters: every tensor is a `Var`, linear layers stay differentiable.
+    Trainable(Arc<Parameters>),
 }
 
 impl WeightStore {
@@ -112,6 +115,7 @@ impl WeightStore {
             WeightStore::Pth { path, .. } => path,
             WeightStore::Safetensors { dir, .. } => dir,
             WeightStore::Gguf(g) => g.path(),
+            WeightStore::Trainable(p) => p.path(),
         }
     }
 
@@ -124,12 +128,15 @@ impl WeightStore {
             WeightStore::Safetensors { tensors, .. } => tensors.get(hf_name).is_ok(),
             WeightStore::Pth { tensors, .. } => tensors.tensor_infos().contains_key(hf_name),
             WeightStore::Gguf(g) => g.has_tensor(&self.gguf_key(hf_name)),
+            WeightStore::Trainable(p) => p.contains(hf_name),
         }
     }
 
     fn missing(&self, hf_name: &str) -> Error {
         let name = match self {
-            WeightStore::Safetensors { .. } | WeightStore::Pth { .. } => hf_name.to_string(),
+            WeightStore::Safetensors { .. }
+            | WeightStore::Pth { .. }
+            | WeightStore::Trainable(_) => hf_name.to_string(),
             WeightStore::Gguf(_) => self.gguf_key(hf_name),
         };
         Error::MissingTensor {
@@ -146,10 +153,12 @@ impl WeightStore {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        if !self.contains(hf_name) {
+        if !self.contains(hf_name) && !matches!(self, WeightStore::Trainable(_)) {
             return Err(self.missing(hf_name));
         }
         let tensor = match self {
+            // Master weights stay f32 (a new head's tensors are created on first use).
+            WeightStore::Trainable(p) => p.tensor(hf_name, shape, device)?,
             WeightStore::Safetensors { tensors, dir } => tensors
                 .load(hf_name, device)
                 .map_err(|e| Error::file(dir, format!("tensor `{hf_name}`: {e}")))?
@@ -219,7 +228,17 @@ impl WeightStore {
                 )?)));
             }
         }
-        LinearWeight::dense(self.tensor(name, &shape, dtype, device)?)
+        self.dense_weight(self.tensor(name, &shape, dtype, device)?)
+    }
+
+    /// A dense (out, in) weight built from this store's tensors (fused or transposed) as a linear
+    /// layer's weight: packed for our CPU kernel, except while training, where packing would
+    /// copy it out of the autograd graph.
+    pub fn dense_weight(&self, weight: Tensor) -> Result<LinearWeight> {
+        match self {
+            WeightStore::Trainable(p) if !p.is_frozen() => Ok(LinearWeight::Dense(weight)),
+            _ => LinearWeight::dense(weight),
+        }
     }
 
     /// An embedding table (vocab, hidden); quantized tables stay quantized.
