@@ -250,6 +250,12 @@ fn an_interrupted_run_resumed_from_its_checkpoint_ends_with_the_same_weights() {
     assert!(err.to_string().contains("killed"));
     // A fresh process: new parameters from the base model, then the checkpoint (step 4).
     let second = task(7);
+    let changed = train::TrainOptions {
+        lr: 2e-3,
+        ..options.clone()
+    };
+    let refused = train::train(&second, &changed, resumed_dir.path(), true, |_| {}).unwrap_err();
+    assert!(refused.to_string().contains("other settings"), "{refused}");
     let rest = train::train(&second, &options, resumed_dir.path(), true, |_| {}).unwrap();
     assert_eq!(
         rest.iter().map(|r| r.step).collect::<Vec<_>>(),

@@ -79,7 +79,14 @@ fn save_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
 }
 
 /// Restore parameters and optimizer from `out`'s checkpoint; returns where the loop stood.
-pub fn load(out: &Path, params: &Parameters, optimizer: &mut AdamW) -> Result<Progress> {
+/// The run's settings must be those the checkpoint was written with (the data order and the
+/// schedule depend on them); only how often to save and evaluate may change.
+pub fn load(
+    out: &Path,
+    params: &Parameters,
+    optimizer: &mut AdamW,
+    options: &TrainOptions,
+) -> Result<Progress> {
     let dir = [out.join(DIR), out.join("checkpoint.old")]
         .into_iter()
         .find(|d| d.join("trainer_state.json").is_file())
@@ -93,6 +100,20 @@ pub fn load(out: &Path, params: &Parameters, optimizer: &mut AdamW) -> Result<Pr
     let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io(&state_path, e))?;
     let state: TrainerState = serde_json::from_str(&text)
         .map_err(|e| Error::file(&state_path, format!("corrupt trainer state: {e}")))?;
+    let comparable = |o: &TrainOptions| TrainOptions {
+        save_every: None,
+        eval_every: None,
+        ..o.clone()
+    };
+    if comparable(&state.options) != comparable(options) {
+        return Err(Error::file(
+            &state_path,
+            format!(
+                "the checkpoint was written with other settings; resume with the same ones: {}",
+                serde_json::to_string(&state.options).unwrap_or_default()
+            ),
+        ));
+    }
     let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
         .map_err(|e| Error::file(dir.join("model.safetensors"), e.to_string()))?;
     let moments = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &Device::Cpu)

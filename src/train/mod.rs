@@ -25,7 +25,7 @@ use crate::error::{Error, Result};
 use crate::weights::Parameters;
 
 /// The loop's settings (transformers' TrainingArguments by other names).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainOptions {
     pub epochs: f64,
     /// Overrides `epochs` when set.
@@ -157,7 +157,7 @@ pub fn train(
     let metrics_path = out.join("metrics.jsonl");
     let mut reports: Vec<StepReport> = Vec::new();
     if resume {
-        let restored = checkpoint::load(out, params, &mut optimizer)?;
+        let restored = checkpoint::load(out, params, &mut optimizer, options)?;
         progress = restored;
         // Keep the metrics up to the checkpoint; later lines are from the interrupted attempt.
         reports = checkpoint::read_metrics(&metrics_path)?
