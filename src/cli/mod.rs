@@ -24,7 +24,7 @@ use wordloom::{LanguageModel, LoadOptions};
 #[command(
     name = "wordloom",
     version,
-    about = "Run transformer checkpoints (HF layouts and GGUF): generate, chat, perplexity, embed, classify, ner, qa, zero-shot, search, bench."
+    about = "Run transformer checkpoints (HF layouts and GGUF, or a remote OpenAI-compatible API): generate, chat, perplexity, embed, classify, ner, qa, zero-shot, search, serve, finetune, bench."
 )]
 pub struct Cli {
     #[command(subcommand)]
