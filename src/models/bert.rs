@@ -197,12 +197,7 @@ impl Encoder {
                 ));
             }
         }
-        let activation = Activation::from_hf(&config.hidden_act).ok_or_else(|| {
-            Error::file(
-                w.path(),
-                format!("activation `{}` is not supported", config.hidden_act),
-            )
-        })?;
+        let activation = Activation::for_checkpoint(&config.hidden_act, w)?;
         let (h, heads) = (config.hidden_size, config.num_attention_heads);
         if heads == 0 || h % heads != 0 {
             return Err(Error::file(
@@ -223,11 +218,7 @@ impl Encoder {
         });
         // Checkpoints of a bare encoder have no prefix; those saved with a head have one.
         let with_head = flavor.head_prefix();
-        let p = if w.contains(&format!("{with_head}embeddings.word_embeddings.weight")) {
-            with_head
-        } else {
-            ""
-        };
+        let p = w.prefix_if_present(with_head, "embeddings.word_embeddings.weight");
         let eps = config.layer_norm_eps;
         let linear = |name: &str, i: usize, o: usize| w.linear(name, i, o, true, dtype, device);
         let fused_qkv = |names: [String; 3]| -> Result<Linear> {

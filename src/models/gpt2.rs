@@ -7,7 +7,7 @@ use super::attention::{batch_attention, AttentionShape};
 use super::kv_cache::KvCache;
 use super::layers::{Activation, LayerNorm};
 use super::{CausalLM, ModelInfo, SeqInput};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::weights::{Embedding, Linear, WeightStore};
 
 /// config.json of a GPT-2 checkpoint.
@@ -74,21 +74,9 @@ pub struct Gpt2 {
 
 impl Gpt2 {
     pub fn load(cfg: &Gpt2Config, w: &WeightStore, dtype: DType, device: &Device) -> Result<Self> {
-        let activation = Activation::from_hf(&cfg.activation_function).ok_or_else(|| {
-            Error::file(
-                w.path(),
-                format!(
-                    "GPT-2 activation `{}` is not supported",
-                    cfg.activation_function
-                ),
-            )
-        })?;
+        let activation = Activation::for_checkpoint(&cfg.activation_function, w)?;
         // Checkpoints saved from GPT2LMHeadModel prefix names with `transformer.`; GPT2Model's do not.
-        let p = if w.contains("transformer.wte.weight") {
-            "transformer."
-        } else {
-            ""
-        };
+        let p = w.prefix_if_present("transformer.", "wte.weight");
         let (d, eps) = (cfg.n_embd, cfg.layer_norm_epsilon);
         let inner = cfg.n_inner.unwrap_or(4 * d);
         let wte = w.embedding(&format!("{p}wte.weight"), cfg.vocab_size, d, dtype, device)?;

@@ -111,15 +111,7 @@ impl GptNeo {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let activation = Activation::from_hf(&cfg.activation_function).ok_or_else(|| {
-            Error::file(
-                w.path(),
-                format!(
-                    "GPT-Neo activation `{}` is not supported",
-                    cfg.activation_function
-                ),
-            )
-        })?;
+        let activation = Activation::for_checkpoint(&cfg.activation_function, w)?;
         let (d, heads, eps) = (cfg.hidden_size, cfg.num_heads, cfg.layer_norm_epsilon);
         if heads == 0 || d % heads != 0 {
             return Err(Error::file(
@@ -132,11 +124,7 @@ impl GptNeo {
             .map_err(|e| Error::file(w.path(), e.to_string()))?;
         let inner = cfg.intermediate_size.unwrap_or(4 * d);
         // GPTNeoForCausalLM's names start with `transformer.`; GPTNeoModel's do not.
-        let p = if w.contains("transformer.wte.weight") {
-            "transformer."
-        } else {
-            ""
-        };
+        let p = w.prefix_if_present("transformer.", "wte.weight");
         let wte = w.embedding(&format!("{p}wte.weight"), cfg.vocab_size, d, dtype, device)?;
         let wpe = w.tensor(
             &format!("{p}wpe.weight"),

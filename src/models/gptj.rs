@@ -65,15 +65,7 @@ pub struct Gptj {
 
 impl Gptj {
     pub fn load(cfg: &GptjConfig, w: &WeightStore, dtype: DType, device: &Device) -> Result<Self> {
-        let activation = Activation::from_hf(&cfg.activation_function).ok_or_else(|| {
-            Error::file(
-                w.path(),
-                format!(
-                    "GPT-J activation `{}` is not supported",
-                    cfg.activation_function
-                ),
-            )
-        })?;
+        let activation = Activation::for_checkpoint(&cfg.activation_function, w)?;
         let (d, heads, eps) = (cfg.n_embd, cfg.n_head, cfg.layer_norm_epsilon);
         if heads == 0 || d % heads != 0 {
             return Err(Error::file(
@@ -92,11 +84,7 @@ impl Gptj {
             ));
         }
         let inner = cfg.n_inner.unwrap_or(4 * d);
-        let p = if w.contains("transformer.wte.weight") {
-            "transformer."
-        } else {
-            ""
-        };
+        let p = w.prefix_if_present("transformer.", "wte.weight");
         let wte = w.embedding(&format!("{p}wte.weight"), cfg.vocab_size, d, dtype, device)?;
         let blocks = (0..cfg.n_layer)
             .map(|i| {

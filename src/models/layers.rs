@@ -73,6 +73,16 @@ impl Activation {
         })
     }
 
+    /// The activation a checkpoint's config names, or an error naming the file.
+    pub fn for_checkpoint(name: &str, weights: &WeightStore) -> Result<Self> {
+        Self::from_hf(name).ok_or_else(|| {
+            crate::Error::File {
+                path: weights.path().to_path_buf(),
+                message: format!("activation `{name}` is not supported (gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, relu, silu, tanh)"),
+            }
+        })
+    }
+
     pub fn forward(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Activation::Gelu if host_f32(x) => map_host(x, activation::gelu_erf_inplace)?,

@@ -132,6 +132,16 @@ impl WeightStore {
         }
     }
 
+    /// `prefix` when the checkpoint names `probe` with it (saved from a model with a head, e.g.
+    /// `transformer.` of *ForCausalLM), else "" (saved from the bare model).
+    pub fn prefix_if_present<'a>(&self, prefix: &'a str, probe: &str) -> &'a str {
+        if self.contains(&format!("{prefix}{probe}")) {
+            prefix
+        } else {
+            ""
+        }
+    }
+
     fn missing(&self, hf_name: &str) -> Error {
         let name = match self {
             WeightStore::Safetensors { .. }
