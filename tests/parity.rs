@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{fixture, floats, ids, max_abs_diff, read_json};
+use common::{fixture, floats, greedy, ids, max_abs_diff, read_json};
 use wordloom::generate::sampling::argmax;
 use wordloom::models::attention::log_softmax;
 use wordloom::models::{LogitsWanted, SeqInput};
@@ -33,27 +33,6 @@ fn last_logprobs(lm: &LanguageModel, prompt: &[u32]) -> Vec<f32> {
         .unwrap()
         .to_vec1()
         .unwrap()
-}
-
-/// Greedy decoding with the KV cache: prefill once, then one token per step.
-fn greedy(lm: &LanguageModel, prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut cache = lm.model.new_cache();
-    let mut out = Vec::new();
-    let mut input = prompt.to_vec();
-    for _ in 0..n {
-        let logits = lm
-            .model
-            .forward(&mut [SeqInput {
-                tokens: &input,
-                cache: &mut cache,
-                logits: LogitsWanted::Last,
-            }])
-            .unwrap();
-        let next = argmax(&logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap());
-        out.push(next);
-        input = vec![next];
-    }
-    out
 }
 
 fn check_model(name: &str) {

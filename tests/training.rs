@@ -176,12 +176,12 @@ impl wordloom::train::Task for Interrupted<'_> {
     fn parameters(&self) -> &Arc<Parameters> {
         self.inner.parameters()
     }
-    fn loss(&self, indices: &[usize]) -> wordloom::Result<(Tensor, usize)> {
+    fn loss(&self, indices: &[usize], seed: u64) -> wordloom::Result<(Tensor, usize)> {
         self.calls.set(self.calls.get() + 1);
         if self.calls.get() == self.fail_at {
             return Err(wordloom::Error::InvalidArgument("killed".into()));
         }
-        self.inner.loss(indices)
+        self.inner.loss(indices, seed)
     }
     fn evaluate(&self) -> wordloom::Result<Option<train::Evaluation>> {
         self.inner.evaluate()

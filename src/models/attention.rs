@@ -104,9 +104,12 @@ impl Rope {
         }
         let x = x.unsqueeze(0)?.contiguous()?;
         let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
-        let y = match self.style {
-            RopeStyle::Half => candle_nn::rotary_emb::rope(&x, &cos, &sin)?,
-            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?,
+        // The fused kernels have no backward pass; training takes the composite ones.
+        let y = match (self.style, x.track_op()) {
+            (RopeStyle::Half, false) => candle_nn::rotary_emb::rope(&x, &cos, &sin)?,
+            (RopeStyle::Half, true) => candle_nn::rotary_emb::rope_slow(&x, &cos, &sin)?,
+            (RopeStyle::Interleaved, false) => candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?,
+            (RopeStyle::Interleaved, true) => candle_nn::rotary_emb::rope_i_slow(&x, &cos, &sin)?,
         };
         Ok(y.squeeze(0)?)
     }
@@ -334,6 +337,13 @@ fn causal_attention(
     let kv_heads = k.dim(0)?;
     let past = cache.len();
     let (keys, values) = cache.append(layer, k, v)?;
+    // A fresh sequence attends to exactly its own keys: use them as they are, which also keeps
+    // them in the autograd graph (the cache's copy is not).
+    let (keys, values) = if past == 0 {
+        (k.clone(), v.clone())
+    } else {
+        (keys, values)
+    };
     let total = past + t;
     let group = heads / kv_heads;
     // Heads sharing a kv head are adjacent, so grouping them as extra query rows avoids copying K/V.
@@ -348,7 +358,11 @@ fn causal_attention(
     } else {
         scores
     };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let probs = if scores.track_op() {
+        candle_nn::ops::softmax(&scores, D::Minus1)? // differentiable
+    } else {
+        candle_nn::ops::softmax_last_dim(&scores)?
+    };
     let out = probs.matmul(&values.contiguous()?)?; // (kv_heads, group*t, head_dim)
     Ok(out
         .reshape((heads, t, head_dim))?

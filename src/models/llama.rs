@@ -167,6 +167,10 @@ impl RmsNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // The fused kernel has no backward pass; training takes the composite one.
+        if x.track_op() || self.weight.track_op() {
+            return Ok(candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)?);
+        }
         Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
     }
 }

@@ -18,7 +18,7 @@ pub use kv_cache::KvCache;
 
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
-use crate::weights::{Embedding, GgufFile, ModelSource, WeightStore};
+use crate::weights::{Embedding, GgufFile, Lora, ModelSource, WeightStore};
 
 /// Facts about a loaded decoder that callers need.
 #[derive(Clone, Debug)]
@@ -191,11 +191,35 @@ const SUPPORTED_DECODERS: &str = "llama, mistral, qwen2 (LlamaForCausalLM, Mistr
 impl LanguageModel {
     /// Load a decoder and its tokenizer from a model spec (path or hub id).
     pub fn load(spec: &str, options: &LoadOptions) -> Result<Self> {
-        let source = ModelSource::resolve(spec)?;
-        Self::load_source(source, options)
+        Self::load_adapted(spec, options, None)
     }
 
-    pub fn load_source(source: ModelSource, options: &LoadOptions) -> Result<Self> {
+    /// Load a decoder with a LoRA adapter on its targeted linear layers (the base stays frozen).
+    pub fn load_adapted(
+        spec: &str,
+        options: &LoadOptions,
+        lora: Option<Arc<Lora>>,
+    ) -> Result<Self> {
+        let source = ModelSource::resolve(spec)?;
+        let model = Self::load_source(source, options, lora.clone())?;
+        if let Some(lora) = lora {
+            lora.check_attached(model.source.path())?;
+        }
+        Ok(model)
+    }
+
+    fn load_source(
+        source: ModelSource,
+        options: &LoadOptions,
+        lora: Option<Arc<Lora>>,
+    ) -> Result<Self> {
+        let adapt = |weights: WeightStore| match &lora {
+            Some(lora) => WeightStore::Adapted {
+                base: Arc::new(weights),
+                lora: lora.clone(),
+            },
+            None => weights,
+        };
         let (model, tokenizer): (Arc<dyn CausalLM>, Tokenizer) = match &source {
             ModelSource::HfDir(dir) => {
                 let config_path = dir.join("config.json");
@@ -208,7 +232,7 @@ impl LanguageModel {
                     .and_then(|v| v.as_str())
                     .unwrap_or("")
                     .to_string();
-                let weights = WeightStore::open_hf_dir(dir)?;
+                let weights = adapt(WeightStore::open_hf_dir(dir)?);
                 let (dtype, device) = (options.dtype, &options.device);
                 let model: Arc<dyn CausalLM> = match model_type.as_str() {
                     "llama" | "mistral" | "qwen2" => Arc::new(llama::Llama::load(
@@ -265,7 +289,7 @@ impl LanguageModel {
                 };
                 let cfg = llama::LlamaConfig::from_gguf(&gguf, &arch)?;
                 let tokenizer = Tokenizer::from_gguf(&gguf)?;
-                let weights = WeightStore::Gguf(gguf);
+                let weights = adapt(WeightStore::Gguf(gguf));
                 let model =
                     llama::Llama::load(&cfg, &weights, style, options.dtype, &options.device)?;
                 (Arc::new(model), tokenizer)

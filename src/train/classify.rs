@@ -243,7 +243,7 @@ impl Task for ClassifierTask {
         &self.params
     }
 
-    fn loss(&self, indices: &[usize]) -> Result<(Tensor, usize)> {
+    fn loss(&self, indices: &[usize], _seed: u64) -> Result<(Tensor, usize)> {
         let rows: Vec<_> = indices.iter().map(|&i| &self.train[i]).collect();
         let (inputs, targets, tokens) = self.batch(&rows)?;
         let model = self.model()?;

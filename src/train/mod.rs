@@ -7,6 +7,7 @@ pub mod classify;
 pub mod curve;
 pub mod data;
 pub mod optim;
+pub mod sft;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -74,7 +75,9 @@ pub trait Task {
     fn examples(&self) -> usize;
     fn parameters(&self) -> &Arc<Parameters>;
     /// Mean loss over the examples `indices` (attached to the graph) and their token count.
-    fn loss(&self, indices: &[usize]) -> Result<(Tensor, usize)>;
+    /// `seed` drives this micro-batch's dropout masks (fixed by the run's seed and position, so
+    /// a resumed run draws the same ones).
+    fn loss(&self, indices: &[usize], seed: u64) -> Result<(Tensor, usize)>;
     /// Loss (and accuracy) on the held-out set, if there is one.
     fn evaluate(&self) -> Result<Option<Evaluation>>;
 }
@@ -175,7 +178,7 @@ pub fn train(
         let start = Instant::now();
         let mut sums: Vec<Vec<f32>> = Vec::new();
         let (mut loss_sum, mut tokens, mut samples) = (0.0f64, 0usize, 0usize);
-        for _ in 0..options.grad_accum {
+        for micro in 0..options.grad_accum {
             if progress.position >= micro_per_epoch {
                 progress.epoch += 1;
                 progress.position = 0;
@@ -185,7 +188,10 @@ pub fn train(
             let batch = &order[first..(first + options.batch_size).min(n)];
             progress.position += 1;
             samples += batch.len();
-            let (loss, batch_tokens) = task.loss(batch)?;
+            let dropout_seed = options.seed
+                ^ (progress.step * options.grad_accum as u64 + micro as u64)
+                    .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let (loss, batch_tokens) = task.loss(batch, dropout_seed)?;
             tokens += batch_tokens;
             loss_sum += loss.to_scalar::<f32>()? as f64 / options.grad_accum as f64;
             let grads = (loss / options.grad_accum as f64)?.backward()?;

@@ -31,6 +31,18 @@ impl MappedBytes {
     pub fn as_slice(&self) -> &[u8] {
         &self.mmap[self.start..self.start + self.len]
     }
+
+    /// Bytes from memory rather than a file (tests).
+    #[cfg(test)]
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Self {
+        let mut map = memmap2::MmapMut::map_anon(bytes.len()).expect("anonymous mapping");
+        map.copy_from_slice(bytes);
+        MappedBytes {
+            mmap: Arc::new(map.make_read_only().expect("read-only mapping")),
+            start: 0,
+            len: bytes.len(),
+        }
+    }
 }
 
 impl GgufFile {

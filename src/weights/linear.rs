@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::gguf::MappedBytes;
 use crate::error::Result;
@@ -116,13 +116,14 @@ impl LinearWeight {
     }
 }
 
-/// `y = x Wᵀ + b`, with x of shape (..., in_features).
+/// `y = x Wᵀ + b`, with x of shape (..., in_features), plus a LoRA update when one is attached.
 #[derive(Clone)]
 pub struct Linear {
     weight: LinearWeight,
     bias: Option<Tensor>,
     /// The bias as host floats, for kernels that add it in place.
     host_bias: Option<Arc<Vec<f32>>>,
+    lora: Option<LoraAdapter>,
     in_features: usize,
     out_features: usize,
 }
@@ -144,9 +145,16 @@ impl Linear {
             weight,
             bias,
             host_bias,
+            lora: None,
             in_features,
             out_features,
         })
+    }
+
+    /// The same frozen layer with a low-rank update added to its output.
+    pub fn with_lora(mut self, adapter: LoraAdapter) -> Self {
+        self.lora = Some(adapter);
+        self
     }
 
     pub fn in_features(&self) -> usize {
@@ -161,24 +169,193 @@ impl Linear {
         let dims = x.dims().to_vec();
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, self.in_features))?;
-        let y = match &self.weight {
-            LinearWeight::Dense(w) => x2.matmul(&w.t()?)?,
-            LinearWeight::Quant(q) => q.matmul(&x2)?.to_dtype(x.dtype())?,
-            LinearWeight::CandleQuant(q) => q.forward(&x2)?,
-            LinearWeight::Packed(p) => {
-                let bias = self.host_bias.as_deref().map(Vec::as_slice);
-                let y = cpu_matmul(&x2, self.in_features, self.out_features, |data, m, out| {
-                    packed_matmul(p, data, m, bias, out)
-                })?;
-                return Ok(y.reshape(out_shape(dims, self.out_features))?);
-            }
-        };
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
+        let mut y = self.frozen_forward(&x2)?;
+        if let Some(lora) = &self.lora {
+            let update = lora.forward(&x2)?.to_dtype(y.dtype())?;
+            y = (y + update)?;
+        }
         Ok(y.reshape(out_shape(dims, self.out_features))?)
     }
+
+    /// The stored weights' product, x2 (rows, in) -> (rows, out).
+    fn frozen_forward(&self, x2: &Tensor) -> Result<Tensor> {
+        let y = match &self.weight {
+            LinearWeight::Dense(w) => x2.matmul(&w.t()?)?,
+            // Our kernels leave the autograd graph; a frozen layer under a trainable one (LoRA)
+            // still has to pass the gradient on to its input.
+            _ if x2.track_op() => {
+                let op = FrozenMatmul {
+                    weight: self.weight.clone(),
+                    in_features: self.in_features,
+                    out_features: self.out_features,
+                };
+                x2.to_dtype(DType::F32)?.contiguous()?.apply_op1(op)?
+            }
+            LinearWeight::Quant(q) => q.matmul(x2)?.to_dtype(x2.dtype())?,
+            LinearWeight::CandleQuant(q) => q.forward(x2)?,
+            LinearWeight::Packed(p) => {
+                let bias = self.host_bias.as_deref().map(Vec::as_slice);
+                return cpu_matmul(x2, self.in_features, self.out_features, |data, m, out| {
+                    packed_matmul(p, data, m, bias, out)
+                });
+            }
+        };
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+            None => y,
+        })
+    }
+}
+
+impl LinearWeight {
+    /// The (out, in) matrix as plain f32, whatever it is stored as.
+    fn to_f32(&self, out_features: usize, in_features: usize) -> Result<Tensor> {
+        let shape = (out_features, in_features);
+        Ok(match self {
+            LinearWeight::Dense(w) => w.to_dtype(DType::F32)?,
+            LinearWeight::Packed(p) => Tensor::from_vec(p.unpack(), shape, &Device::Cpu)?,
+            LinearWeight::Quant(q) => Tensor::from_vec(
+                kernels::reference::dequantize(&q.matrix()),
+                shape,
+                &Device::Cpu,
+            )?,
+            LinearWeight::CandleQuant(q) => match &**q {
+                QMatMul::QTensor(t) => t.dequantize(&Device::Cpu)?,
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
+            },
+        })
+    }
+}
+
+/// `x Wᵀ` through our kernels as an autograd op: the weights are constants, so the backward
+/// pass only needs `dx = dy W`. W is expanded to f32 for that product and dropped again, so a
+/// quantized base stays quantized in memory (QLoRA).
+struct FrozenMatmul {
+    weight: LinearWeight,
+    in_features: usize,
+    out_features: usize,
+}
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("frozen-matmul needs contiguous input".into())
+        })?;
+        let x = &storage.as_slice::<f32>()?[start..end];
+        let m = x.len() / self.in_features;
+        let mut out = vec![0f32; m * self.out_features];
+        match &self.weight {
+            LinearWeight::Packed(p) => packed_matmul(p, x, m, None, &mut out),
+            LinearWeight::Quant(q) => kernels::quant_matmul_precise(&q.matrix(), x, m, &mut out),
+            LinearWeight::Dense(_) | LinearWeight::CandleQuant(_) => {
+                let x = Tensor::from_slice(x, (m, self.in_features), &Device::Cpu)?;
+                let w = self
+                    .weight
+                    .to_f32(self.out_features, self.in_features)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                out = x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+            }
+        }
+        Ok((
+            candle_core::CpuStorage::F32(out),
+            candle_core::Shape::from((m, self.out_features)),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let w = self
+            .weight
+            .to_f32(self.out_features, self.in_features)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        Ok(Some(grad_y.to_dtype(DType::F32)?.matmul(&w)?))
+    }
+}
+
+/// A low-rank update `scale · B A x` beside a frozen layer (LoRA, Hu et al. 2021): A is
+/// (rank, in), B is (out, rank).
+#[derive(Clone)]
+pub struct LoraAdapter {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+    /// Dropout on the adapter's input while training (PEFT's `lora_dropout`), seeded per module.
+    pub dropout: f32,
+    pub mode: Arc<AdapterMode>,
+    /// Mixed into the dropout seed so that every module draws its own mask.
+    pub module_seed: u64,
+}
+
+/// Training or evaluation, switched for every adapter of a model at once (PyTorch's
+/// `model.train()` / `model.eval()`), plus the seed of the current micro-batch's dropout.
+#[derive(Debug, Default)]
+pub struct AdapterMode {
+    training: std::sync::atomic::AtomicBool,
+    seed: std::sync::atomic::AtomicU64,
+}
+
+impl AdapterMode {
+    /// Train with dropout masks drawn from `seed`.
+    pub fn train(&self, seed: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.seed.store(seed, Relaxed);
+        self.training.store(true, Relaxed);
+    }
+
+    /// Evaluate: adapters read as constants, no dropout, so the fast kernels run.
+    pub fn eval(&self) {
+        self.training
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn training(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.training.load(Relaxed).then(|| self.seed.load(Relaxed))
+    }
+}
+
+impl LoraAdapter {
+    /// x2 (rows, in) -> (rows, out).
+    fn forward(&self, x2: &Tensor) -> Result<Tensor> {
+        let (a, b, x) = match self.mode.training() {
+            Some(seed) => {
+                let x = x2.to_dtype(DType::F32)?;
+                let x = if self.dropout > 0.0 {
+                    let mask = dropout_mask(x.dims(), self.dropout, seed ^ self.module_seed)?;
+                    (x * mask)?
+                } else {
+                    x
+                };
+                (self.a.clone(), self.b.clone(), x)
+            }
+            None => (self.a.detach(), self.b.detach(), x2.to_dtype(DType::F32)?),
+        };
+        Ok((x.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scale)?)
+    }
+}
+
+/// Inverted dropout: each element kept with probability 1 - p and scaled by 1 / (1 - p).
+fn dropout_mask(dims: &[usize], p: f32, seed: u64) -> Result<Tensor> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let keep = 1.0 / (1.0 - p);
+    let n: usize = dims.iter().product();
+    let values: Vec<f32> = (0..n)
+        .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+        .collect();
+    Ok(Tensor::from_vec(values, dims, &Device::Cpu)?)
 }
 
 fn out_shape(mut dims: Vec<usize>, out_features: usize) -> Vec<usize> {
@@ -210,5 +387,77 @@ impl Embedding {
             Embedding::Quant(q) => q.cols,
             Embedding::CandleQuant(q) => q.shape().dim(D::Minus1)?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::gguf::MappedBytes;
+
+    /// Gradient of sum(y²) with respect to x through `weight`, and through the same matrix as a
+    /// plain dense tensor.
+    fn input_gradients(weight: LinearWeight, dense: &Tensor) -> (Vec<f32>, Vec<f32>) {
+        let (out, inp) = dense.dims2().unwrap();
+        let x = candle_core::Var::from_tensor(
+            &Tensor::arange(0f32, (3 * inp) as f32, &Device::Cpu)
+                .unwrap()
+                .reshape((3, inp))
+                .unwrap()
+                .sin()
+                .unwrap(),
+        )
+        .unwrap();
+        let linear = Linear::new(weight, None, inp, out).unwrap();
+        let ours = linear
+            .forward(x.as_tensor())
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = ours.backward().unwrap();
+        let theirs = x.as_tensor().matmul(&dense.t().unwrap()).unwrap();
+        let reference = theirs.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let flat = |g: &candle_core::backprop::GradStore| {
+            g.get(x.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        (flat(&grads), flat(&reference))
+    }
+
+    fn assert_close(a: &[f32], b: &[f32]) {
+        let scale = b.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() < 1e-4 * scale, "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn frozen_quantized_and_packed_layers_pass_gradients_to_their_input() {
+        let (rows, cols) = (8, 64);
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
+            .collect();
+        for kind in [QuantKind::Q4_0, QuantKind::Q4_1, QuantKind::Q8_0] {
+            let bytes = kernels::reference::quantize(kind, &values, rows, cols);
+            let weight = QuantWeight::new(kind, rows, cols, MappedBytes::from_bytes(&bytes));
+            let dense = Tensor::from_vec(
+                kernels::reference::dequantize(&weight.matrix()),
+                (rows, cols),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let (ours, reference) = input_gradients(LinearWeight::Quant(weight), &dense);
+            assert_close(&ours, &reference);
+        }
+        let dense = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
+        let (ours, reference) =
+            input_gradients(LinearWeight::dense(dense.clone()).unwrap(), &dense);
+        assert_close(&ours, &reference);
     }
 }

@@ -46,6 +46,18 @@ impl Parameters {
         }
     }
 
+    /// Parameters that all start fresh (a new adapter), created on first use.
+    pub fn fresh(path: &Path, fresh: FreshInit) -> Self {
+        Parameters {
+            base: None,
+            path: path.to_path_buf(),
+            fresh: Some(fresh),
+            created: Arc::default(),
+            vars: Arc::default(),
+            frozen: false,
+        }
+    }
+
     /// The same parameters read as constants (no gradients), for evaluation.
     pub fn frozen_view(&self) -> Self {
         Parameters {
@@ -149,20 +161,21 @@ impl Parameters {
     }
 }
 
-/// A new tensor by transformers' rules, seeded by the run's seed and the tensor's name so the
+/// A new tensor by transformers' rules (PEFT's for LoRA: A Kaiming-uniform with bound
+/// 1/sqrt(in), B zero), seeded by the run's seed and the tensor's name so the
 /// result does not depend on the order tensors are created in.
 fn fresh_tensor(name: &str, shape: &[usize], init: FreshInit, device: &Device) -> Result<Tensor> {
     let n: usize = shape.iter().product();
     let norm_weight = name.ends_with("LayerNorm.weight") || name.ends_with("layer_norm.weight");
-    let values: Vec<f32> = if name.ends_with(".bias") {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(init.seed ^ name_hash(name));
+    let values: Vec<f32> = if name.ends_with(".bias") || name.ends_with("lora_B.weight") {
         vec![0.0; n]
+    } else if name.ends_with("lora_A.weight") {
+        let bound = 1.0 / (shape[shape.len() - 1] as f32).sqrt();
+        (0..n).map(|_| rng.random_range(-bound..bound)).collect()
     } else if norm_weight {
         vec![1.0; n]
     } else {
-        let name_hash = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        });
-        let mut rng = rand::rngs::StdRng::seed_from_u64(init.seed ^ name_hash);
         (0..n)
             .map(|_| {
                 // Box-Muller from two uniforms in (0, 1].
@@ -173,4 +186,11 @@ fn fresh_tensor(name: &str, shape: &[usize], init: FreshInit, device: &Device) -
             .collect()
     };
     Ok(Tensor::from_vec(values, shape, device)?)
+}
+
+/// A stable 64-bit hash of a tensor or module name (FNV-1a), for per-name seeds.
+pub(crate) fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }

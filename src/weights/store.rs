@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::gguf::GgufFile;
 use super::linear::{Embedding, Linear, LinearWeight, QuantWeight};
+use super::lora::Lora;
 use super::params::Parameters;
 use crate::error::{Error, Result};
 use crate::kernels::QuantKind;
@@ -57,6 +58,11 @@ pub enum WeightStore {
     },
     /// Trainable f32 parameters: every tensor is a `Var`, linear layers stay differentiable.
     Trainable(Arc<Parameters>),
+    /// A frozen base whose targeted linear layers carry a LoRA adapter.
+    Adapted {
+        base: Arc<WeightStore>,
+        lora: Arc<Lora>,
+    },
 }
 
 impl WeightStore {
@@ -116,6 +122,7 @@ impl WeightStore {
             WeightStore::Safetensors { dir, .. } => dir,
             WeightStore::Gguf(g) => g.path(),
             WeightStore::Trainable(p) => p.path(),
+            WeightStore::Adapted { base, .. } => base.path(),
         }
     }
 
@@ -129,6 +136,7 @@ impl WeightStore {
             WeightStore::Pth { tensors, .. } => tensors.tensor_infos().contains_key(hf_name),
             WeightStore::Gguf(g) => g.has_tensor(&self.gguf_key(hf_name)),
             WeightStore::Trainable(p) => p.contains(hf_name),
+            WeightStore::Adapted { base, .. } => base.contains(hf_name),
         }
     }
 
@@ -144,6 +152,7 @@ impl WeightStore {
 
     fn missing(&self, hf_name: &str) -> Error {
         let name = match self {
+            WeightStore::Adapted { base, .. } => return base.missing(hf_name),
             WeightStore::Safetensors { .. }
             | WeightStore::Pth { .. }
             | WeightStore::Trainable(_) => hf_name.to_string(),
@@ -167,6 +176,7 @@ impl WeightStore {
             return Err(self.missing(hf_name));
         }
         let tensor = match self {
+            WeightStore::Adapted { base, .. } => return base.tensor(hf_name, shape, dtype, device),
             // Master weights stay f32 (a new head's tensors are created on first use).
             WeightStore::Trainable(p) => p.tensor(hf_name, shape, device)?,
             WeightStore::Safetensors { tensors, dir } => tensors
@@ -194,6 +204,11 @@ impl WeightStore {
         dtype: DType,
         device: &Device,
     ) -> Result<Linear> {
+        if let WeightStore::Adapted { base, lora } = self {
+            let linear =
+                base.linear(prefix, in_features, out_features, with_bias, dtype, device)?;
+            return lora.attach(prefix, linear, device);
+        }
         let weight = self.linear_weight(
             &format!("{prefix}.weight"),
             in_features,
@@ -246,6 +261,7 @@ impl WeightStore {
     /// copy it out of the autograd graph.
     pub fn dense_weight(&self, weight: Tensor) -> Result<LinearWeight> {
         match self {
+            WeightStore::Adapted { base, .. } => base.dense_weight(weight),
             WeightStore::Trainable(p) if !p.is_frozen() => Ok(LinearWeight::Dense(weight)),
             _ => LinearWeight::dense(weight),
         }
@@ -260,6 +276,9 @@ impl WeightStore {
         dtype: DType,
         device: &Device,
     ) -> Result<Embedding> {
+        if let WeightStore::Adapted { base, .. } = self {
+            return base.embedding(name, vocab, hidden, dtype, device);
+        }
         if let WeightStore::Gguf(g) = self {
             let key = self.gguf_key(name);
             let (ggml, dims) = g.tensor_type(&key).map_err(|_| self.missing(name))?;

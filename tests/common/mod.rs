@@ -111,3 +111,26 @@ pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
     std::thread::spawn(move || for _ in lines {});
     Server { child, base }
 }
+
+/// Greedy decoding with the KV cache: prefill once, then one token per step.
+pub fn greedy(lm: &wordloom::LanguageModel, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut cache = lm.model.new_cache();
+    let mut out = Vec::new();
+    let mut input = prompt.to_vec();
+    for _ in 0..n {
+        let logits = lm
+            .model
+            .forward(&mut [wordloom::models::SeqInput {
+                tokens: &input,
+                cache: &mut cache,
+                logits: wordloom::models::LogitsWanted::Last,
+            }])
+            .unwrap();
+        let next = wordloom::generate::sampling::argmax(
+            &logits.squeeze(0).unwrap().to_vec1::<f32>().unwrap(),
+        );
+        out.push(next);
+        input = vec![next];
+    }
+    out
+}
