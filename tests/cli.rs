@@ -5,19 +5,7 @@ mod common;
 
 use std::process::Command;
 
-use common::fixture;
-
-fn wordloom(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_wordloom"))
-        .args(args)
-        .output()
-        .expect("run wordloom");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::{fixture, wordloom};
 
 /// Run a command that must succeed and print one JSON object.
 fn json_output(args: &[&str]) -> serde_json::Value {
@@ -276,5 +264,87 @@ fn offline_hub_id_not_in_cache_is_reported() {
     assert!(
         stderr.contains("someorg/some-model") && stderr.contains("HF_HUB_OFFLINE"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn lora_mistakes_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("train.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"text\": 1}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let (base, gpt2) = (fixture("tiny-llama"), fixture("tiny-gpt2"));
+    let sft = |model: &std::path::Path, extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = ["finetune", "--task", "sft", "-m", model.to_str().unwrap()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.extend(
+            [
+                "--data",
+                data.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ]
+            .map(String::from),
+        );
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    fn refs(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    assert_fails_with(
+        &refs(&sft(&base, &[])),
+        "train.jsonl:2: expected `messages`",
+    );
+    std::fs::write(&data, "{\"prompt\": \"a\", \"completion\": \"b\"}\n").unwrap();
+    assert_fails_with(
+        &refs(&sft(&base, &["--lora-targets", "c_attn"])),
+        "match no linear layer of this model (its layers: down_proj, gate_proj",
+    );
+    assert_fails_with(&refs(&sft(&gpt2, &[])), "does not support LoRA yet");
+    assert_fails_with(&refs(&sft(&base, &["--full"])), "LoRA adapters only");
+    // An adapter trained for another architecture, at inference and when merging.
+    let neo_adapter = fixture("lora-gptneo");
+    assert_fails_with(
+        &[
+            "generate",
+            "-m",
+            base.to_str().unwrap(),
+            "--lora",
+            neo_adapter.to_str().unwrap(),
+            "--prompt",
+            "hi",
+        ],
+        "was it trained on another base model?",
+    );
+    assert_fails_with(
+        &[
+            "merge",
+            "-m",
+            base.to_str().unwrap(),
+            "--lora",
+            neo_adapter.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "does not have — was it trained on another base?",
+    );
+    assert_fails_with(
+        &[
+            "generate",
+            "-m",
+            base.to_str().unwrap(),
+            "--lora",
+            base.to_str().unwrap(),
+            "--prompt",
+            "hi",
+        ],
+        "not a LoRA adapter directory",
     );
 }

@@ -164,7 +164,7 @@ fn learning_rate_schedules_match_transformers() {
 
 /// A task that fails on its `fail_at`-th loss call, like a process killed mid-run.
 struct Interrupted<'a> {
-    inner: &'a wordloom::train::classify::ClassifierTask,
+    inner: &'a dyn wordloom::train::Task,
     calls: std::cell::Cell<usize>,
     fail_at: usize,
 }
@@ -421,4 +421,61 @@ fn minilm_fine_tuned_on_spamassassin_reaches_97_percent() {
     );
     let answer: serde_json::Value = serde_json::from_slice(&classified.stdout).unwrap();
     assert_eq!(answer["label"], "spam", "{answer}");
+}
+
+#[test]
+fn an_interrupted_lora_run_with_dropout_resumes_to_the_same_adapter() {
+    use wordloom::train::sft::{SftExample, SftRecord, SftTask};
+    use wordloom::weights::{LoraConfig, TargetModules};
+    let base = fixture("tiny-llama");
+    let data: Vec<SftExample> = (0..6)
+        .map(|i| SftExample {
+            record: SftRecord::Completion {
+                prompt: format!("question {i}: how many? "),
+                completion: format!("answer {} apples", i * 3),
+            },
+            origin: format!("line {}", i + 1),
+        })
+        .collect();
+    let options = train::TrainOptions {
+        max_steps: Some(4),
+        lr: 5e-3,
+        batch_size: 2,
+        grad_accum: 1,
+        save_every: Some(2),
+        ..train::TrainOptions::default()
+    };
+    let task = || {
+        let targets = TargetModules::Names(vec!["q_proj".into(), "down_proj".into()]);
+        let config = LoraConfig::new(4, 8.0, 0.1, targets).unwrap();
+        SftTask::new(base.to_str().unwrap(), config, &data, &data[..2], 64, 3).unwrap()
+    };
+    let straight_dir = tempfile::tempdir().unwrap();
+    let straight = task();
+    let reports = train::train(&straight, &options, straight_dir.path(), false, |_| {}).unwrap();
+    assert!(reports[3].loss < reports[0].loss, "{reports:?}");
+
+    let resumed_dir = tempfile::tempdir().unwrap();
+    let first = task();
+    let interrupted = Interrupted {
+        inner: &first,
+        calls: Default::default(),
+        fail_at: 4,
+    };
+    train::train(&interrupted, &options, resumed_dir.path(), false, |_| {}).unwrap_err();
+    let second = task();
+    train::train(&second, &options, resumed_dir.path(), true, |_| {}).unwrap();
+    let vars = straight.parameters().vars();
+    assert_eq!(
+        vars.len(),
+        8,
+        "q_proj and down_proj of 2 layers, A and B each"
+    );
+    for ((name, a), (_, b)) in vars.iter().zip(second.parameters().vars()) {
+        assert_eq!(
+            values(a.as_tensor()),
+            values(b.as_tensor()),
+            "{name} differs after resuming"
+        );
+    }
 }

@@ -5,11 +5,15 @@ use clap::{Args, ValueEnum};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use wordloom::train::classify::ClassifierTask;
-use wordloom::train::data::{read_examples, Example};
-use wordloom::train::{train, Schedule, TrainOptions};
+use wordloom::train::data::read_examples;
+use wordloom::train::sft::{read_sft_examples, SftTask};
+use wordloom::train::{train, Schedule, StepReport, Task, TrainOptions};
+use wordloom::weights::{LoraConfig, TargetModules};
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum FinetuneTask {
+    /// Instruction tuning of a decoder with LoRA adapters (the base stays frozen, GGUF too).
+    Sft,
     /// Sequence classification: every weight of a BERT-family encoder, plus a new head.
     Classify,
 }
@@ -25,11 +29,13 @@ pub enum ScheduleArg {
 pub struct FinetuneArgs {
     #[arg(long, value_enum)]
     pub task: FinetuneTask,
-    /// Base model: an HF encoder directory or hub id.
+    /// Base model: a decoder (HF directory, .gguf file or hub id; default SmolLM2-135M-Instruct)
+    /// for sft, an HF encoder directory or hub id for classify.
     #[arg(short, long)]
-    pub model: String,
-    /// Training data: CSV/TSV (`text`, `label` columns), JSONL (`text`, `label`), or a folder
-    /// with one sub-folder of .txt files per label.
+    pub model: Option<String>,
+    /// Training data. sft: JSONL with `messages` (chat), `prompt`/`completion`, or Alpaca
+    /// `instruction`/`input`/`output`. classify: CSV/TSV (`text`, `label` columns), JSONL
+    /// (`text`, `label`), or a folder with one sub-folder of .txt files per label.
     #[arg(long)]
     pub data: PathBuf,
     /// Held-out data in the same formats.
@@ -38,7 +44,8 @@ pub struct FinetuneArgs {
     /// Hold out this fraction of the training data instead (seeded).
     #[arg(long)]
     pub eval_split: Option<f64>,
-    /// Output directory: the trained model, checkpoint/, metrics.jsonl, training.svg.
+    /// Output directory: the adapter (sft, PEFT layout) or the classifier (HF layout), plus
+    /// checkpoint/, metrics.jsonl, training.svg.
     #[arg(long)]
     pub out: PathBuf,
     #[arg(long, default_value_t = 1.0)]
@@ -46,15 +53,34 @@ pub struct FinetuneArgs {
     /// Stop after this many optimizer steps (overrides --epochs).
     #[arg(long)]
     pub max_steps: Option<u64>,
-    #[arg(long, default_value_t = 5e-5)]
-    pub lr: f64,
-    #[arg(long, default_value_t = 16)]
-    pub batch_size: usize,
+    /// Peak learning rate (default: 2e-4 for sft, 5e-5 for classify).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Examples per micro-batch (default: 4 for sft, 16 for classify).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
     #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
-    /// Cut inputs to this many tokens (default: the model's limit); cuts are counted and reported.
+    /// Cut inputs to this many tokens (default: 1024 for sft, the model's limit for classify);
+    /// cuts are counted and reported.
     #[arg(long)]
     pub max_len: Option<usize>,
+    /// LoRA rank (sft).
+    #[arg(long, default_value_t = 8)]
+    pub lora_rank: usize,
+    /// LoRA alpha: the update is scaled by alpha / rank (sft).
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f64,
+    /// Dropout on the adapters' inputs while training (sft).
+    #[arg(long, default_value_t = 0.05)]
+    pub lora_dropout: f64,
+    /// Linear layers that get adapters: module names (q_proj,k_proj,v_proj,o_proj,gate_proj,
+    /// up_proj,down_proj for Llama-family models), or all-linear (sft).
+    #[arg(long, default_value = "q_proj,v_proj", value_delimiter = ',')]
+    pub lora_targets: Vec<String>,
+    /// Train every weight (classify always does; decoders train LoRA adapters only).
+    #[arg(long)]
+    pub full: bool,
     /// Warmup steps (linear from 0).
     #[arg(long, default_value_t = 0)]
     pub warmup: u64,
@@ -83,14 +109,14 @@ pub struct FinetuneArgs {
     pub threads: Option<usize>,
 }
 
-fn split(
-    mut examples: Vec<Example>,
-    fraction: f64,
-    seed: u64,
-) -> Result<(Vec<Example>, Vec<Example>)> {
+fn split<T>(mut examples: Vec<T>, fraction: f64, seed: u64) -> Result<(Vec<T>, Vec<T>)> {
     anyhow::ensure!(
         fraction > 0.0 && fraction < 1.0,
         "--eval-split must be between 0 and 1, got {fraction}"
+    );
+    anyhow::ensure!(
+        examples.len() >= 2,
+        "--eval-split needs at least two examples"
     );
     examples.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
     let held = ((examples.len() as f64 * fraction).round() as usize).clamp(1, examples.len() - 1);
@@ -98,36 +124,29 @@ fn split(
     Ok((examples, eval))
 }
 
-pub fn run(args: FinetuneArgs) -> Result<()> {
-    let (train_set, skipped) = read_examples(&args.data, args.skip_errors)?;
-    let (train_set, eval_set) = match (&args.eval, args.eval_split) {
-        (Some(path), _) => (train_set, read_examples(path, args.skip_errors)?.0),
-        (None, Some(fraction)) => split(train_set, fraction, args.seed)?,
-        (None, None) => (train_set, Vec::new()),
-    };
+/// Training and held-out records: --eval, or a seeded --eval-split of the training data.
+fn datasets<T>(
+    args: &FinetuneArgs,
+    read: impl Fn(&std::path::Path, bool) -> wordloom::Result<(Vec<T>, usize)>,
+) -> Result<(Vec<T>, Vec<T>)> {
+    let (train_set, skipped) = read(&args.data, args.skip_errors)?;
     if skipped > 0 {
         eprintln!("skipped {skipped} malformed records");
     }
-    let FinetuneTask::Classify = args.task;
-    let task = ClassifierTask::new(&args.model, &train_set, &eval_set, args.max_len, args.seed)?;
-    eprintln!(
-        "{} training / {} held-out examples, labels [{}]{}; inputs up to {} tokens ({} cut to fit)",
-        train_set.len(),
-        eval_set.len(),
-        task.labels.join(", "),
-        if task.head_created() {
-            ", new classification head"
-        } else {
-            ""
-        },
-        task.max_tokens,
-        task.truncated
-    );
+    match (&args.eval, args.eval_split) {
+        (Some(path), _) => Ok((train_set, read(path, args.skip_errors)?.0)),
+        (None, Some(fraction)) => split(train_set, fraction, args.seed),
+        (None, None) => Ok((train_set, Vec::new())),
+    }
+}
+
+pub fn run(args: FinetuneArgs) -> Result<()> {
+    let sft = args.task == FinetuneTask::Sft;
     let options = TrainOptions {
         epochs: args.epochs,
         max_steps: args.max_steps,
-        lr: args.lr,
-        batch_size: args.batch_size,
+        lr: args.lr.unwrap_or(if sft { 2e-4 } else { 5e-5 }),
+        batch_size: args.batch_size.unwrap_or(if sft { 4 } else { 16 }),
         grad_accum: args.grad_accum,
         warmup_steps: args.warmup,
         schedule: match args.schedule {
@@ -141,45 +160,129 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         save_every: args.save_every,
         eval_every: args.eval_every,
     };
+    match args.task {
+        FinetuneTask::Sft => run_sft(&args, &options),
+        FinetuneTask::Classify => run_classify(&args, &options),
+    }
+}
+
+fn run_sft(args: &FinetuneArgs, options: &TrainOptions) -> Result<()> {
+    anyhow::ensure!(
+        !args.full,
+        "--full: decoders are tuned with LoRA adapters only; leave out --full"
+    );
+    let base = super::model_or_default(args.model.as_deref())?;
+    let (train_set, eval_set) = datasets(args, read_sft_examples)?;
+    let targets = match args.lora_targets.as_slice() {
+        [one] if one == "all-linear" => TargetModules::Pattern(one.clone()),
+        names => TargetModules::Names(names.iter().map(|n| n.trim().to_string()).collect()),
+    };
+    let config = LoraConfig::new(args.lora_rank, args.lora_alpha, args.lora_dropout, targets)?;
+    let max_len = args.max_len.unwrap_or(1024);
+    let task = super::with_threads(args.threads, || {
+        Ok(SftTask::new(
+            &base, config, &train_set, &eval_set, max_len, args.seed,
+        )?)
+    })?;
+    let (train_n, eval_n) = task.sizes();
+    let trainable: usize = task
+        .lora()
+        .parameters()
+        .vars()
+        .iter()
+        .map(|(_, v)| v.elem_count())
+        .sum();
+    eprintln!(
+        "{train_n} training / {eval_n} held-out examples ({} cut to {max_len} tokens, {} left out with no answer tokens); \
+         LoRA rank {} on {} layers: {trainable} trainable parameters",
+        task.report.truncated,
+        task.report.dropped,
+        args.lora_rank,
+        task.lora().parameters().vars().len() / 2,
+    );
+    let reports = train_with_progress(&task, args, options)?;
+    task.save(&args.out)
+        .with_context(|| format!("saving the adapter to {}", args.out.display()))?;
+    summarize(&reports, &args.out);
+    Ok(())
+}
+
+fn run_classify(args: &FinetuneArgs, options: &TrainOptions) -> Result<()> {
+    let model = args
+        .model
+        .as_deref()
+        .context("--task classify needs -m/--model: a BERT-family encoder")?;
+    let (train_set, eval_set) = datasets(args, read_examples)?;
+    let task = ClassifierTask::new(model, &train_set, &eval_set, args.max_len, args.seed)?;
+    eprintln!(
+        "{} training / {} held-out examples, labels [{}]{}; inputs up to {} tokens ({} cut to fit)",
+        train_set.len(),
+        eval_set.len(),
+        task.labels.join(", "),
+        if task.head_created() {
+            ", new classification head"
+        } else {
+            ""
+        },
+        task.max_tokens,
+        task.truncated
+    );
+    let reports = train_with_progress(&task, args, options)?;
+    task.save(&args.out)
+        .with_context(|| format!("saving the model to {}", args.out.display()))?;
+    summarize(&reports, &args.out);
+    Ok(())
+}
+
+/// The training loop behind a progress bar with loss, learning rate, tokens/s and ETA.
+fn train_with_progress(
+    task: &(dyn Task + Sync),
+    args: &FinetuneArgs,
+    options: &TrainOptions,
+) -> Result<Vec<StepReport>> {
     let bar = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
             .expect("valid template"),
     );
     let reports = super::with_threads(args.threads, || {
-        Ok(train(&task, &options, &args.out, args.resume, |r| {
+        Ok(train(task, options, &args.out, args.resume, |r| {
             bar.set_length(r.total_steps);
             bar.set_position(r.step);
-            let eval = r.eval.as_ref().map_or(String::new(), |e| {
-                format!(
-                    "  eval loss {:.4}{}",
-                    e.loss,
-                    e.accuracy
-                        .map_or(String::new(), |a| format!(" acc {:.2}%", 100.0 * a))
-                )
-            });
             bar.set_message(format!(
-                "loss {:.4}  lr {:.2e}  {:.0} tok/s{eval}",
-                r.loss, r.lr, r.tokens_per_second
+                "loss {:.4}  lr {:.2e}  {:.0} tok/s{}",
+                r.loss,
+                r.lr,
+                r.tokens_per_second,
+                describe_eval(r, "  eval loss ", " acc ")
             ));
         })?)
     })?;
     bar.finish_and_clear();
-    task.save(&args.out)
-        .with_context(|| format!("saving the model to {}", args.out.display()))?;
+    Ok(reports)
+}
+
+fn describe_eval(report: &StepReport, loss: &str, accuracy: &str) -> String {
+    report.eval.as_ref().map_or(String::new(), |e| {
+        format!(
+            "{loss}{:.4}{}",
+            e.loss,
+            e.accuracy
+                .map_or(String::new(), |a| format!("{accuracy}{:.2}%", 100.0 * a))
+        )
+    })
+}
+
+fn summarize(reports: &[StepReport], out: &std::path::Path) {
     if let Some(last) = reports.last() {
-        let eval = last.eval.as_ref().map_or(String::new(), |e| {
-            format!(
-                ", held-out loss {:.4}{}",
-                e.loss,
-                e.accuracy
-                    .map_or(String::new(), |a| format!(", accuracy {:.2}%", 100.0 * a))
-            )
-        });
-        eprintln!("step {}: loss {:.4}{eval}", last.step, last.loss);
+        eprintln!(
+            "step {}: loss {:.4}{}",
+            last.step,
+            last.loss,
+            describe_eval(last, ", held-out loss ", ", accuracy ")
+        );
     }
     eprintln!(
         "saved {} (metrics.jsonl, training.svg beside it)",
-        args.out.display()
+        out.display()
     );
-    Ok(())
 }

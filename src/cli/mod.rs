@@ -7,6 +7,7 @@ mod embed;
 mod fetch;
 mod finetune;
 mod generate;
+mod merge;
 mod ner;
 mod perplexity;
 mod qa;
@@ -18,13 +19,14 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use wordloom::remote::{remote_model_name, Generator, RemoteConfig, RemoteModel};
 use wordloom::weights::packaged::SMOLLM2;
+use wordloom::weights::Lora;
 use wordloom::{LanguageModel, LoadOptions};
 
 #[derive(Parser)]
 #[command(
     name = "wordloom",
     version,
-    about = "Run transformer checkpoints (HF layouts and GGUF, or a remote OpenAI-compatible API): generate, chat, perplexity, embed, classify, ner, qa, zero-shot, search, serve, finetune, bench."
+    about = "Run transformer checkpoints (HF layouts and GGUF, or a remote OpenAI-compatible API): generate, chat, perplexity, embed, classify, ner, qa, zero-shot, search, serve, finetune (LoRA, classifiers), merge, bench."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -53,8 +55,10 @@ enum Command {
     Search(search::SearchArgs),
     /// OpenAI-compatible HTTP server with continuous batching and streaming.
     Serve(serve::ServeArgs),
-    /// Fine-tune a model on labelled data (classifier fine-tuning of BERT-family encoders).
+    /// Fine-tune: LoRA instruction tuning of decoders (sft), or encoder classifiers (classify).
     Finetune(finetune::FinetuneArgs),
+    /// Fold a LoRA adapter into its base checkpoint.
+    Merge(merge::MergeArgs),
     /// Measure prefill and decode speed, load time and peak memory.
     Bench(bench::BenchArgs),
     /// Fetch the package-shipped default models into the cache.
@@ -72,19 +76,15 @@ pub struct ModelArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Apply a LoRA adapter (PEFT layout: adapter_config.json + adapter_model.safetensors).
+    #[arg(long, value_name = "DIR")]
+    pub lora: Option<std::path::PathBuf>,
 }
 
 impl ModelArgs {
     /// `-m`, or the default model's path (fetched on first use).
     pub fn spec(&self) -> Result<String> {
-        Ok(match &self.model {
-            Some(spec) => spec.clone(),
-            None => SMOLLM2
-                .ensure(&mut |msg| eprintln!("{msg}"))
-                .context("fetching the default model")?
-                .to_string_lossy()
-                .into_owned(),
-        })
+        model_or_default(self.model.as_deref())
     }
 
     pub fn load(&self) -> Result<LanguageModel> {
@@ -93,17 +93,43 @@ impl ModelArgs {
             remote_model_name(&spec).is_none(),
             "`{spec}` is a remote model; this command needs local weights (a directory, .gguf file or hub id)"
         );
-        Ok(LanguageModel::load(&spec, &LoadOptions::default())?)
+        let lora = match &self.lora {
+            Some(dir) => Some(std::sync::Arc::new(Lora::load(dir)?)),
+            None => None,
+        };
+        Ok(LanguageModel::load_adapted(
+            &spec,
+            &LoadOptions::default(),
+            lora,
+        )?)
     }
 
     /// Local weights, or a remote API for `-m openai:MODEL`.
     pub fn generator(&self, remote: &RemoteArgs) -> Result<Generator> {
         let spec = self.spec()?;
         match remote_model_name(&spec) {
-            Some(model) => Ok(Generator::Remote(remote.connect(model)?)),
+            Some(model) => {
+                anyhow::ensure!(
+                    self.lora.is_none(),
+                    "--lora needs local weights; `{spec}` is a remote model"
+                );
+                Ok(Generator::Remote(remote.connect(model)?))
+            }
             None => Ok(Generator::Local(self.load()?)),
         }
     }
+}
+
+/// `spec`, or the default chat model's path (fetched on first use).
+fn model_or_default(spec: Option<&str>) -> Result<String> {
+    Ok(match spec {
+        Some(spec) => spec.to_string(),
+        None => SMOLLM2
+            .ensure(&mut |msg| eprintln!("{msg}"))
+            .context("fetching the default model")?
+            .to_string_lossy()
+            .into_owned(),
+    })
 }
 
 /// How to reach a remote OpenAI-compatible API (`-m openai:MODEL`).
@@ -183,5 +209,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Search(args) => with_threads(args.model.threads, || search::run(args)),
         Command::Serve(args) => serve::run(args),
         Command::Fetch(args) => fetch::run(args),
+        Command::Merge(args) => merge::run(args),
     }
 }

@@ -177,7 +177,10 @@ pub fn tokenize_record(tokenizer: &Tokenizer, record: &SftRecord) -> Result<Toke
         .collect();
     // Plain completions end with EOS, so the tuned model learns to stop (as TRL does).
     if plain {
-        let eos = tokenizer.eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t));
+        let eos = tokenizer
+            .eos_token
+            .as_deref()
+            .and_then(|t| tokenizer.token_to_id(t));
         if let Some(eos) = eos.filter(|&e| ids.last() != Some(&e)) {
             ids.push(eos);
             learn.push(true);

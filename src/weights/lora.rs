@@ -181,6 +181,8 @@ pub struct Lora {
     /// Every linear layer the model asked for, and those that got an adapter.
     seen: Mutex<Vec<String>>,
     attached: Mutex<BTreeSet<String>>,
+    /// Read from a saved adapter (so every targeted layer must have its tensors).
+    loaded: bool,
 }
 
 fn tensor_name(module: &str, which: char) -> String {
@@ -196,11 +198,12 @@ impl Lora {
             Path::new("(new LoRA adapter)"),
             FreshInit { std: 0.0, seed },
         );
-        Self::with_parameters(config, Arc::new(params))
+        Self::with_parameters(config, Arc::new(params), false)
     }
 
-    fn with_parameters(config: LoraConfig, params: Arc<Parameters>) -> Result<Self> {
+    fn with_parameters(config: LoraConfig, params: Arc<Parameters>, loaded: bool) -> Result<Self> {
         Ok(Lora {
+            loaded,
             matcher: config.matcher()?,
             config,
             params,
@@ -242,7 +245,7 @@ impl Lora {
             }
         }
         let params = Parameters::from_tensors(&weights, tensors.into_iter().collect())?;
-        Self::with_parameters(config, Arc::new(params))
+        Self::with_parameters(config, Arc::new(params), true)
     }
 
     pub fn config(&self) -> &LoraConfig {
@@ -266,6 +269,12 @@ impl Lora {
             return Ok(linear);
         }
         let r = self.config.r;
+        if self.loaded && !self.params.contains(&tensor_name(module, 'A')) {
+            return Err(Error::file(
+                self.params.path(),
+                format!("the adapter has no weights for `{module}`, a layer its target_modules select — was it trained on another base model?"),
+            ));
+        }
         let a = self.params.tensor(
             &tensor_name(module, 'A'),
             &[r, linear.in_features()],
@@ -400,6 +409,68 @@ impl Lora {
         Ok(Some(
             (b.as_tensor().detach().matmul(&a.as_tensor().detach())? * self.config.scale())?,
         ))
+    }
+
+    /// Fold the adapter into the HF checkpoint `base_dir` (W += scale·B·A, in W's dtype) and
+    /// write the merged checkpoint to `out`: model.safetensors plus the base's config and
+    /// tokenizer files. Returns how many weights changed.
+    pub fn merge(&self, base_dir: &Path, out: &Path) -> Result<usize> {
+        if !base_dir.join("config.json").is_file() {
+            return Err(Error::file(
+                base_dir,
+                "merging needs the base as a Hugging Face directory (a GGUF base is quantized: apply the adapter at run time with --lora instead)",
+            ));
+        }
+        if out.exists() && std::fs::canonicalize(out).ok() == std::fs::canonicalize(base_dir).ok() {
+            return Err(Error::file(
+                out,
+                "the output directory is the base model itself",
+            ));
+        }
+        let store = super::WeightStore::open_hf_dir(base_dir)?;
+        let mut tensors = std::collections::HashMap::new();
+        let mut merged = BTreeSet::new();
+        for (name, tensor) in store.all_tensors()? {
+            let module = name.strip_suffix(".weight").unwrap_or(&name);
+            let tensor = match self.delta(module)? {
+                Some(delta) if name.ends_with(".weight") => {
+                    if delta.dims() != tensor.dims() {
+                        return Err(Error::ShapeMismatch {
+                            name: format!("{name} (adapter update)"),
+                            expected: tensor.dims().to_vec(),
+                            found: delta.dims().to_vec(),
+                        });
+                    }
+                    merged.insert(module.to_string());
+                    let dtype = tensor.dtype();
+                    (tensor.to_dtype(candle_core::DType::F32)? + delta)?.to_dtype(dtype)?
+                }
+                _ => tensor,
+            };
+            tensors.insert(name, tensor);
+        }
+        if let Some(missing) = self.modules().into_iter().find(|m| !merged.contains(m)) {
+            return Err(Error::file(
+                base_dir,
+                format!("the adapter changes `{missing}`, which this checkpoint does not have — was it trained on another base?"),
+            ));
+        }
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        let weights = out.join("model.safetensors");
+        let tmp = weights.with_extension("safetensors.tmp");
+        candle_core::safetensors::save(&tensors, &tmp)?;
+        std::fs::rename(&tmp, &weights).map_err(|e| Error::io(&weights, e))?;
+        for entry in std::fs::read_dir(base_dir).map_err(|e| Error::io(base_dir, e))? {
+            let path = entry.map_err(|e| Error::io(base_dir, e))?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let weights_file = name.ends_with(".safetensors")
+                || name == "model.safetensors.index.json"
+                || name == "pytorch_model.bin";
+            if path.is_file() && !weights_file {
+                std::fs::copy(&path, out.join(name)).map_err(|e| Error::io(&path, e))?;
+            }
+        }
+        Ok(merged.len())
     }
 
     /// Modules the adapter carries weights for.

@@ -140,6 +140,38 @@ impl WeightStore {
         }
     }
 
+    /// Every tensor of an HF checkpoint by name, in its stored dtype (for rewriting checkpoints).
+    pub fn all_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        match self {
+            WeightStore::Safetensors { tensors, dir } => {
+                for (name, _) in tensors.tensors() {
+                    let t = tensors
+                        .load(&name, &Device::Cpu)
+                        .map_err(|e| Error::file(dir, format!("tensor `{name}`: {e}")))?;
+                    out.push((name, t));
+                }
+            }
+            WeightStore::Pth { tensors, path } => {
+                for name in tensors.tensor_infos().keys() {
+                    let t = tensors
+                        .get(name)
+                        .map_err(|e| Error::file(path, format!("tensor `{name}`: {e}")))?
+                        .ok_or_else(|| self.missing(name))?;
+                    out.push((name.clone(), t));
+                }
+            }
+            _ => {
+                return Err(Error::file(
+                    self.path(),
+                    "only a Hugging Face checkpoint (safetensors or pytorch_model.bin) can be rewritten",
+                ))
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
     /// `prefix` when the checkpoint names `probe` with it (saved from a model with a head, e.g.
     /// `transformer.` of *ForCausalLM), else "" (saved from the bare model).
     pub fn prefix_if_present<'a>(&self, prefix: &'a str, probe: &str) -> &'a str {

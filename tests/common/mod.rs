@@ -134,3 +134,16 @@ pub fn greedy(lm: &wordloom::LanguageModel, prompt: &[u32], n: usize) -> Vec<u32
     }
     out
 }
+
+/// Run the binary with `args`: (success, stdout, stderr).
+pub fn wordloom(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_wordloom"))
+        .args(args)
+        .output()
+        .expect("run wordloom");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
