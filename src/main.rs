@@ -9,7 +9,16 @@ use clap::Parser;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc's `mi_option_purge_delay` (v2 header order; the crate exports no constant for it).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
 fn main() -> std::process::ExitCode {
+    // Training steps free and re-allocate buffers of tens of MB (expanded frozen weights, logits,
+    // gradients). By default mimalloc hands freed memory back to the OS after 10 ms and the
+    // kernel zeroes every page again on reuse: 36% of a LoRA step in `perf`. Keep it for reuse
+    // (peak memory is unchanged; LoRA tokens/s x1.45).
+    // SAFETY: sets a process-wide allocator option; no allocation state is touched.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let args = cli::Cli::parse();
     cli::init_logging();
     match cli::run(args) {

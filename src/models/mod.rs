@@ -33,18 +33,20 @@ pub struct ModelInfo {
 
 /// Which positions of a sequence the caller wants logits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogitsWanted {
+pub enum LogitsWanted<'a> {
     /// Only the last new position (generation).
     Last,
-    /// Every new position (perplexity, training).
+    /// Every new position (perplexity).
     All,
+    /// These new positions, in order (training: only where a target token follows).
+    Positions(&'a [u32]),
 }
 
 /// One sequence's share of a forward pass: its new tokens, appended after what its cache holds.
 pub struct SeqInput<'a> {
     pub tokens: &'a [u32],
     pub cache: &'a mut KvCache,
-    pub logits: LogitsWanted,
+    pub logits: LogitsWanted<'a>,
 }
 
 /// A decoder-only language model over a batch of sequences at different positions.
@@ -145,6 +147,14 @@ fn select_logit_rows(x: &Tensor, batch: &[SeqInput<'_>]) -> Result<Tensor> {
         match seq.logits {
             LogitsWanted::All => rows.extend(offset..offset + t),
             LogitsWanted::Last => rows.push(offset + t - 1),
+            LogitsWanted::Positions(positions) => {
+                if let Some(bad) = positions.iter().find(|&&p| p >= t) {
+                    return Err(Error::invalid(format!(
+                        "logits wanted at position {bad} of a sequence with {t} new tokens"
+                    )));
+                }
+                rows.extend(positions.iter().map(|p| offset + p));
+            }
         }
         offset += t;
     }

@@ -223,33 +223,33 @@ fn chat_text(
 /// while training) and how many tokens it covers.
 pub fn summed_nll(model: &LanguageModel, rows: &[&TokenizedExample]) -> Result<(Tensor, usize)> {
     let lm = &model.model;
+    // Logits only where a learned token follows: the vocabulary projection and the softmax
+    // are the largest tensors of a step, and prompts make up most positions.
+    let (mut positions, mut targets) = (Vec::new(), Vec::new());
+    for row in rows {
+        let wanted: Vec<u32> = (1..row.ids.len())
+            .filter(|&i| row.learn[i])
+            .map(|i| i as u32 - 1)
+            .collect();
+        targets.extend(wanted.iter().map(|&p| row.ids[p as usize + 1]));
+        positions.push(wanted);
+    }
     let mut caches: Vec<KvCache> = rows.iter().map(|_| lm.new_cache()).collect();
     let mut batch: Vec<SeqInput<'_>> = rows
         .iter()
         .zip(caches.iter_mut())
-        .map(|(row, cache)| SeqInput {
+        .zip(&positions)
+        .map(|((row, cache), wanted)| SeqInput {
             tokens: &row.ids[..row.ids.len() - 1],
             cache,
-            logits: LogitsWanted::All,
+            logits: LogitsWanted::Positions(wanted),
         })
         .collect();
-    let logits = lm.forward(&mut batch)?; // one row per input position
-    let (mut positions, mut targets) = (Vec::new(), Vec::new());
-    let mut offset = 0u32;
-    for row in rows {
-        for (i, (&id, &learn)) in row.ids.iter().zip(&row.learn).enumerate().skip(1) {
-            if learn {
-                positions.push(offset + i as u32 - 1);
-                targets.push(id);
-            }
-        }
-        offset += row.ids.len() as u32 - 1;
-    }
+    let logits = lm.forward(&mut batch)?; // one row per target
     let count = targets.len();
-    let device = logits.device().clone();
-    let logits = logits.index_select(&Tensor::new(positions, &device)?, 0)?;
+    let targets = Tensor::new(targets, logits.device())?.unsqueeze(1)?;
     let log_probs = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?;
-    let picked = log_probs.gather(&Tensor::new(targets, &device)?.unsqueeze(1)?, 1)?;
+    let picked = log_probs.gather(&targets, 1)?;
     Ok((picked.sum_all()?.neg()?, count))
 }
 
