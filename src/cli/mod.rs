@@ -14,6 +14,7 @@ mod qa;
 mod search;
 mod serve;
 mod texts;
+mod translate;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -26,7 +27,7 @@ use wordloom::{LanguageModel, LoadOptions};
 #[command(
     name = "wordloom",
     version,
-    about = "Run transformer checkpoints (HF layouts and GGUF, or a remote OpenAI-compatible API): generate, chat, perplexity, embed, classify, ner, qa, zero-shot, search, serve, finetune (LoRA, classifiers), merge, bench."
+    about = "Run transformer checkpoints (HF layouts and GGUF, or a remote OpenAI-compatible API): generate, chat, perplexity, embed, classify, ner, qa, zero-shot, search, translate, serve, finetune (LoRA, classifiers), merge, bench."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -57,6 +58,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Fine-tune: LoRA instruction tuning of decoders (sft), or encoder classifiers (classify).
     Finetune(finetune::FinetuneArgs),
+    /// Translate with an encoder-decoder (opus-mt) and beam search, or a chat model by prompt.
+    Translate(translate::TranslateArgs),
     /// Fold a LoRA adapter into its base checkpoint.
     Merge(merge::MergeArgs),
     /// Measure prefill and decode speed, load time and peak memory.
@@ -210,5 +213,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => serve::run(args),
         Command::Fetch(args) => fetch::run(args),
         Command::Merge(args) => merge::run(args),
+        Command::Translate(args) => with_threads(args.threads, || translate::run(args)),
     }
 }

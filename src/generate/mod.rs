@@ -1,5 +1,6 @@
 //! Text generation: sampling, stop rules, and the decode loop over a `CausalLM`.
 
+pub mod beam;
 pub mod json_mode;
 pub mod sampling;
 pub mod sequence;

@@ -53,6 +53,29 @@ impl KvCache {
         Self::new(info.num_layers, info.kv_heads, info.head_dim, dtype, device)
     }
 
+    /// An independent copy (beam search: two beams continuing from one parent).
+    pub fn deep_copy(&self) -> Result<Self> {
+        let copy = |t: &Option<Tensor>| t.as_ref().map(Tensor::copy).transpose();
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(LayerCache {
+                    keys: copy(&l.keys)?,
+                    values: copy(&l.values)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(KvCache {
+            layers,
+            len: self.len,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            dtype: self.dtype,
+            device: self.device.clone(),
+        })
+    }
+
     /// Number of positions already stored (the next token's position).
     pub fn len(&self) -> usize {
         self.len

@@ -9,6 +9,7 @@ pub mod gptj;
 pub mod kv_cache;
 pub mod layers;
 pub mod llama;
+pub mod marian;
 
 use std::sync::Arc;
 

@@ -8,3 +8,4 @@ pub mod ner;
 pub mod perplexity;
 pub mod qa;
 pub mod search;
+pub mod translate;

@@ -3,6 +3,7 @@
 
 pub mod chat_template;
 pub mod gguf_vocab;
+pub mod sentencepiece;
 
 use std::path::Path;
 

@@ -1,0 +1,128 @@
+use anyhow::Result;
+use clap::Args;
+use wordloom::generate::beam::BeamSettings;
+use wordloom::tasks::translate::{translate_by_prompt, Translation, Translator};
+use wordloom::weights::ModelSource;
+use wordloom::LoadOptions;
+
+use super::texts::TextArgs;
+
+#[derive(Args)]
+pub struct TranslateArgs {
+    /// An encoder-decoder translation model (Marian / opus-mt: HF directory or hub id), or a
+    /// chat model (HF directory, .gguf, hub id) asked through its chat template.
+    /// Default: SmolLM2-135M-Instruct, by prompt.
+    #[arg(short, long)]
+    pub model: Option<String>,
+    /// Source language (for chat models; opus-mt models know theirs).
+    #[arg(long)]
+    pub src: Option<String>,
+    /// Target language: needed by chat models and multilingual-target opus-mt models
+    /// (given as the `>>xx<<` prefix).
+    #[arg(long)]
+    pub tgt: Option<String>,
+    /// Beams (default: the checkpoint's generation_config).
+    #[arg(long)]
+    pub beams: Option<usize>,
+    /// Best translations to print per input (at most --beams).
+    #[arg(long, default_value_t = 1)]
+    pub num_return_sequences: usize,
+    /// Longest translation in tokens (default: the checkpoint's max_length; 256 for chat models).
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    #[arg(long)]
+    pub length_penalty: Option<f32>,
+    #[arg(long)]
+    pub no_repeat_ngram_size: Option<usize>,
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub input: TextArgs,
+}
+
+fn print(args: &TranslateArgs, method: &str, text: &str, results: &[Translation]) -> Result<()> {
+    if args.input.json {
+        let line = serde_json::json!({ "input": text, "method": method, "translations": results });
+        println!("{line}");
+    } else {
+        for r in results {
+            println!("{}", r.text);
+        }
+    }
+    Ok(())
+}
+
+pub fn run(args: TranslateArgs) -> Result<()> {
+    let spec = super::model_or_default(args.model.as_deref())?;
+    let encoder_decoder = match ModelSource::resolve(&spec)? {
+        ModelSource::HfDir(dir) => {
+            let config = std::fs::read_to_string(dir.join("config.json")).unwrap_or_default();
+            serde_json::from_str::<serde_json::Value>(&config)
+                .ok()
+                .and_then(|c| c.get("is_encoder_decoder")?.as_bool())
+                .unwrap_or(false)
+        }
+        ModelSource::Gguf(_) => false,
+    };
+    if encoder_decoder {
+        let translator = Translator::load(&spec)?;
+        let mut settings: BeamSettings = translator.default_settings();
+        if let Some(beams) = args.beams {
+            settings.num_beams = beams;
+        }
+        settings.num_return_sequences = args.num_return_sequences;
+        if let Some(n) = args.max_new_tokens {
+            settings.max_length = n + 1;
+        }
+        if let Some(p) = args.length_penalty {
+            settings.length_penalty = p;
+        }
+        if let Some(n) = args.no_repeat_ngram_size {
+            settings.no_repeat_ngram_size = n;
+        }
+        let prefix = match &args.tgt {
+            Some(code) => {
+                let token = format!(">>{code}<<");
+                anyhow::ensure!(
+                    translator.tokenizer.token_to_id(&token).is_some(),
+                    "--tgt {code}: this model has one target language (no `{token}` token); leave out --tgt"
+                );
+                format!("{token} ")
+            }
+            None => String::new(),
+        };
+        return args.input.run(
+            1,
+            |texts| {
+                Ok(texts
+                    .iter()
+                    .map(|t| translator.translate(&format!("{prefix}{t}"), &settings))
+                    .collect())
+            },
+            |text, results| print(&args, "encoder-decoder", text, &results),
+        );
+    }
+    let target = args.tgt.as_deref().ok_or_else(|| {
+        anyhow::anyhow!("`{spec}` is a chat model, which translates by prompt: give --tgt LANG")
+    })?;
+    let lm = wordloom::LanguageModel::load(&spec, &LoadOptions::default())?;
+    if !args.input.json {
+        eprintln!(
+            "translating with the chat model's prompt (not an encoder-decoder translation model)"
+        );
+    }
+    let max_tokens = args.max_new_tokens.unwrap_or(256);
+    args.input.run(
+        1,
+        |texts| {
+            Ok(texts
+                .iter()
+                .map(|t| {
+                    translate_by_prompt(&lm, t, args.src.as_deref(), target, max_tokens)
+                        .map(|r| vec![r])
+                })
+                .collect())
+        },
+        |text, results| print(&args, "chat-prompt", text, &results),
+    )
+}

@@ -1,0 +1,355 @@
+//! Translation: an encoder-decoder checkpoint (Marian / opus-mt) with beam search and the
+//! checkpoint's generation defaults, as transformers' translation pipeline runs it; or a chat
+//! model asked to translate (so the default model translates out of the box).
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::generate::beam::{beam_search, BeamSettings, EarlyStopping, Hypothesis, StepDecoder};
+use crate::generate::sequence::GenerationParams;
+use crate::models::marian::{EncoderMemory, Marian};
+use crate::models::{KvCache, LanguageModel, LoadOptions};
+use crate::tokenizer::sentencepiece::PieceVocabTokenizer;
+use crate::tokenizer::ChatMessage;
+use crate::weights::{ModelSource, WeightStore};
+
+/// generation_config.json (or the generation keys of config.json), transformers' defaults.
+#[derive(Clone, Debug, serde::Deserialize)]
+struct GenerationDefaults {
+    #[serde(default = "one")]
+    num_beams: usize,
+    #[serde(default = "default_max_length")]
+    max_length: usize,
+    #[serde(default = "unit")]
+    length_penalty: f32,
+    #[serde(default)]
+    early_stopping: serde_json::Value,
+    #[serde(default)]
+    no_repeat_ngram_size: usize,
+    #[serde(default)]
+    bad_words_ids: Vec<Vec<u32>>,
+    #[serde(default)]
+    forced_eos_token_id: Option<u32>,
+    #[serde(default)]
+    forced_bos_token_id: Option<u32>,
+    #[serde(default)]
+    eos_token_id: Option<serde_json::Value>,
+    #[serde(default)]
+    renormalize_logits: bool,
+}
+
+fn one() -> usize {
+    1
+}
+fn unit() -> f32 {
+    1.0
+}
+fn default_max_length() -> usize {
+    20
+}
+
+/// A translated text and how it scored.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Translation {
+    pub text: String,
+    /// Decoder ids, decoder start token first.
+    pub token_ids: Vec<u32>,
+    /// Beam score (sum log-probability / length^length_penalty); `None` from a chat model.
+    pub score: Option<f32>,
+}
+
+/// An encoder-decoder translation model with its tokenizer and generation defaults.
+pub struct Translator {
+    pub model: Marian,
+    pub tokenizer: PieceVocabTokenizer,
+    defaults: GenerationDefaults,
+    pub dir: PathBuf,
+}
+
+/// Beams of one source sentence, for the beam search.
+struct SourceDecoder<'a> {
+    model: &'a Marian,
+    memory: EncoderMemory,
+}
+
+impl StepDecoder for SourceDecoder<'_> {
+    type State = KvCache;
+
+    fn initial_state(&self) -> KvCache {
+        self.model.new_cache()
+    }
+
+    fn fork(&self, state: &KvCache) -> Result<KvCache> {
+        state.deep_copy()
+    }
+
+    fn step(&self, states: &mut [KvCache], tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        Ok(self
+            .model
+            .decode_step(&self.memory, tokens, states)?
+            .to_vec2::<f32>()?)
+    }
+}
+
+const ENCODER_DECODERS: &str = "marian (opus-mt)";
+
+impl Translator {
+    /// Load an encoder-decoder from an HF directory or hub id.
+    pub fn load(spec: &str) -> Result<Self> {
+        let dir = match ModelSource::resolve(spec)? {
+            ModelSource::HfDir(dir) => dir,
+            ModelSource::Gguf(path) => {
+                return Err(Error::file(
+                    path,
+                    "a GGUF file holds a decoder-only model; translation with it goes through its chat template",
+                ))
+            }
+        };
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let config: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::file(&config_path, format!("invalid JSON: {e}")))?;
+        let model_type = config
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
+        if model_type != "marian" {
+            return Err(Error::UnsupportedArchitecture {
+                found: if model_type.is_empty() {
+                    "(config.json has no model_type)".into()
+                } else {
+                    model_type.to_string()
+                },
+                supported: ENCODER_DECODERS,
+            });
+        }
+        let marian_config = serde_json::from_value(config.clone())
+            .map_err(|e| Error::file(&config_path, format!("invalid config: {e}")))?;
+        let weights = WeightStore::open_hf_dir(&dir)?;
+        let model = Marian::load(marian_config, &weights, &LoadOptions::default().device)?;
+        let tokenizer = PieceVocabTokenizer::load(
+            &dir.join("source.spm"),
+            &dir.join("target.spm"),
+            &dir.join("vocab.json"),
+        )?;
+        let generation_path = dir.join("generation_config.json");
+        let defaults_json = if generation_path.is_file() {
+            let text = std::fs::read_to_string(&generation_path)
+                .map_err(|e| Error::io(&generation_path, e))?;
+            serde_json::from_str(&text)
+                .map_err(|e| Error::file(&generation_path, format!("invalid JSON: {e}")))?
+        } else {
+            config
+        };
+        let defaults = serde_json::from_value(defaults_json).map_err(|e| {
+            Error::file(&generation_path, format!("invalid generation config: {e}"))
+        })?;
+        Ok(Translator {
+            model,
+            tokenizer,
+            defaults,
+            dir,
+        })
+    }
+
+    /// The checkpoint's own search settings (what `model.generate(**inputs)` uses).
+    pub fn default_settings(&self) -> BeamSettings {
+        let d = &self.defaults;
+        let eos = match &d.eos_token_id {
+            Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]),
+            Some(serde_json::Value::Array(a)) => Some(
+                a.iter()
+                    .filter_map(|v| v.as_u64().map(|v| v as u32))
+                    .collect(),
+            ),
+            _ => None,
+        }
+        .unwrap_or_else(|| vec![self.model.config.eos_token_id]);
+        BeamSettings {
+            num_beams: d.num_beams.max(1),
+            num_return_sequences: 1,
+            length_penalty: d.length_penalty,
+            early_stopping: match &d.early_stopping {
+                serde_json::Value::Bool(true) => EarlyStopping::True,
+                serde_json::Value::String(s) if s == "never" => EarlyStopping::Never,
+                _ => EarlyStopping::False,
+            },
+            no_repeat_ngram_size: d.no_repeat_ngram_size,
+            max_length: d.max_length,
+            eos_token_ids: eos,
+            forced_bos_token_id: d.forced_bos_token_id,
+            forced_eos_token_id: d
+                .forced_eos_token_id
+                .or(self.model.config.forced_eos_token_id),
+            suppressed: d
+                .bad_words_ids
+                .iter()
+                .filter(|w| w.len() == 1)
+                .map(|w| w[0])
+                .collect(),
+            renormalize: d.renormalize_logits,
+        }
+    }
+
+    /// Source ids of `text`, as the Python tokenizer gives them (`</s>` last).
+    pub fn source_ids(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.tokenizer.ids(&self.tokenizer.pieces(text)?))
+    }
+
+    /// Translate one text. A text longer than the model's input limit is split at sentence
+    /// ends and translated piece by piece (never cut silently).
+    pub fn translate(&self, text: &str, settings: &BeamSettings) -> Result<Vec<Translation>> {
+        if text.trim().is_empty() {
+            return Err(Error::invalid("nothing to translate: the text is empty"));
+        }
+        let ids = self.source_ids(text)?;
+        let limit = self.model.config.max_position_embeddings;
+        if ids.len() <= limit {
+            return self.translate_ids(&ids, settings);
+        }
+        let sentences = split_sentences(text);
+        if sentences.len() < 2 {
+            return Err(Error::invalid(format!(
+                "a sentence of {} tokens is longer than the model's input limit of {limit} tokens",
+                ids.len()
+            )));
+        }
+        let mut joined = Translation {
+            text: String::new(),
+            token_ids: Vec::new(),
+            score: None,
+        };
+        for sentence in sentences {
+            let best = self.translate(
+                sentence,
+                &BeamSettings {
+                    num_return_sequences: 1,
+                    ..settings.clone()
+                },
+            )?;
+            let best = best.into_iter().next().expect("one hypothesis");
+            if !joined.text.is_empty() {
+                joined.text.push(' ');
+            }
+            joined.text.push_str(&best.text);
+            joined.token_ids.extend(best.token_ids);
+        }
+        Ok(vec![joined])
+    }
+
+    /// Translate source ids (already tokenized, `</s>` included).
+    pub fn translate_ids(&self, ids: &[u32], settings: &BeamSettings) -> Result<Vec<Translation>> {
+        let decoder = SourceDecoder {
+            model: &self.model,
+            memory: self.model.encode(ids)?,
+        };
+        let hypotheses = beam_search(&decoder, self.model.config.decoder_start_token_id, settings)?;
+        Ok(hypotheses
+            .into_iter()
+            .map(|Hypothesis { tokens, score }| Translation {
+                text: self.tokenizer.decode(&tokens[1..]),
+                token_ids: tokens,
+                score: Some(score),
+            })
+            .collect())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// Sentences of `text`: split after `.`, `!`, `?` (and their CJK forms) followed by whitespace.
+pub fn split_sentences(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut chars = text.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        let end_mark = matches!(c, '.' | '!' | '?' | '。' | '！' | '？');
+        let next_is_space = chars.peek().is_none_or(|(_, n)| n.is_whitespace());
+        if end_mark && next_is_space {
+            let end = i + c.len_utf8();
+            let piece = text[start..end].trim();
+            if !piece.is_empty() {
+                out.push(piece);
+            }
+            start = end;
+        }
+    }
+    let rest = text[start..].trim();
+    if !rest.is_empty() {
+        out.push(rest);
+    }
+    out
+}
+
+/// Translate with a chat model: the instruction goes through its chat template and the
+/// answer is decoded greedily.
+pub fn translate_by_prompt(
+    lm: &LanguageModel,
+    text: &str,
+    source: Option<&str>,
+    target: &str,
+    max_tokens: usize,
+) -> Result<Translation> {
+    if text.trim().is_empty() {
+        return Err(Error::invalid("nothing to translate: the text is empty"));
+    }
+    let from = source.map_or(String::new(), |s| format!(" from {}", language_name(s)));
+    let instruction = format!(
+        "Translate the following text{from} into {}. Reply with the translation only.\n\n{text}",
+        language_name(target)
+    );
+    let prompt = lm
+        .tokenizer
+        .apply_chat_template(&[ChatMessage::new("user", instruction)])?;
+    let ids = lm.tokenizer.encode(&prompt, false)?;
+    let params = GenerationParams {
+        max_tokens,
+        ..GenerationParams::default()
+    };
+    let completion = crate::generate::generate(lm, ids, &params, |_| {})?;
+    Ok(Translation {
+        text: completion.text.trim().to_string(),
+        token_ids: completion.token_ids,
+        score: None,
+    })
+}
+
+/// English name of a language code (ISO 639-1, or NLLB's `fra_Latn` form), else the code.
+pub fn language_name(code: &str) -> String {
+    let base = code.split(['_', '-']).next().unwrap_or(code).to_lowercase();
+    let name = match base.as_str() {
+        "en" | "eng" => "English",
+        "fr" | "fra" => "French",
+        "de" | "deu" => "German",
+        "es" | "spa" => "Spanish",
+        "it" | "ita" => "Italian",
+        "pt" | "por" => "Portuguese",
+        "nl" | "nld" => "Dutch",
+        "ru" | "rus" => "Russian",
+        "zh" | "zho" => "Chinese",
+        "ja" | "jpn" => "Japanese",
+        "ko" | "kor" => "Korean",
+        "ar" | "arb" => "Arabic",
+        "pl" | "pol" => "Polish",
+        "sv" | "swe" => "Swedish",
+        "tr" | "tur" => "Turkish",
+        _ => return code.to_string(),
+    };
+    name.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sentences_split_at_their_ends_only() {
+        assert_eq!(
+            split_sentences("It is 3.5 m long. Really? Yes!  Done"),
+            ["It is 3.5 m long.", "Really?", "Yes!", "Done"]
+        );
+        assert_eq!(split_sentences("no end mark"), ["no end mark"]);
+    }
+}
