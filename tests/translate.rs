@@ -1,4 +1,4 @@
-//! Encoder-decoder translation against `transformers` (tests/fixtures/tiny-marian, made by
+//! Encoder-decoder translation against `transformers` (tests/fixtures/tiny-marian and tiny-t5, made by
 //! scripts/make_translation_fixtures.py): SentencePiece pieces and ids read from the .spm
 //! protobufs, encoder states and first-step log-probabilities within 1e-4, and greedy, beam
 //! (4 beams, length penalty, no-repeat n-grams, 2 returned) and checkpoint-default searches
@@ -22,11 +22,10 @@ fn trimmed(v: &Value, eos: u32) -> Vec<u32> {
     ids
 }
 
-#[test]
-fn marian_matches_transformers() {
-    let translator = Translator::load(fixture("tiny-marian").to_str().unwrap()).unwrap();
-    let reference = read_json("tiny-marian/reference.json");
-    let eos = translator.model.config.eos_token_id;
+fn check(name: &str) {
+    let translator = Translator::load(fixture(name).to_str().unwrap()).unwrap();
+    let reference = read_json(&format!("{name}/reference.json"));
+    let eos = translator.model.eos_token_id();
     let defaults = translator.default_settings();
     for (i, case) in reference["cases"].as_array().unwrap().iter().enumerate() {
         let text = case["text"].as_str().unwrap();
@@ -34,10 +33,10 @@ fn marian_matches_transformers() {
         assert_eq!(
             translator.tokenizer.pieces(text).unwrap(),
             pieces,
-            "pieces of {text:?}"
+            "pieces of {name}: {text:?}"
         );
         let source = translator.source_ids(text).unwrap();
-        assert_eq!(source, ids(&case["source_ids"]), "ids of {text:?}");
+        assert_eq!(source, ids(&case["source_ids"]), "ids of {name}: {text:?}");
         if i == 0 {
             let memory = translator.model.encode(&source).unwrap();
             let hidden: Vec<f32> = memory.hidden.flatten_all().unwrap().to_vec1().unwrap();
@@ -47,7 +46,7 @@ fn marian_matches_transformers() {
             );
             assert!(diff < TOLERANCE, "encoder states differ by {diff}");
             let mut cache = vec![translator.model.new_cache()];
-            let start = translator.model.config.decoder_start_token_id;
+            let start = translator.model.decoder_start_token_id();
             let logits = translator
                 .model
                 .decode_step(&memory, &[start], &mut cache)
@@ -67,7 +66,7 @@ fn marian_matches_transformers() {
         assert_eq!(
             out[0].token_ids,
             trimmed(&case["greedy"]["ids"], eos),
-            "greedy of {text:?}"
+            "greedy of {name}: {text:?}"
         );
         assert_eq!(out[0].text, case["greedy"]["text"].as_str().unwrap());
         let beam = BeamSettings {
@@ -86,7 +85,7 @@ fn marian_matches_transformers() {
             assert_eq!(
                 hypothesis.token_ids,
                 trimmed(&expected["ids"][k], eos),
-                "beam {k} of {text:?}"
+                "beam {k} of {name}: {text:?}"
             );
             assert_eq!(hypothesis.text, expected["texts"][k].as_str().unwrap());
             let score = expected["sequences_scores"][k].as_f64().unwrap() as f32;
@@ -100,9 +99,19 @@ fn marian_matches_transformers() {
         assert_eq!(
             out[0].token_ids,
             trimmed(&case["beam_default"]["ids"], eos),
-            "checkpoint-default search of {text:?}"
+            "checkpoint-default search of {name}: {text:?}"
         );
     }
+}
+
+#[test]
+fn marian_matches_transformers() {
+    check("tiny-marian");
+}
+
+#[test]
+fn t5_matches_transformers() {
+    check("tiny-t5");
 }
 
 #[test]

@@ -27,7 +27,7 @@ use wordloom::{LanguageModel, LoadOptions};
 #[command(
     name = "wordloom",
     version,
-    about = "Run transformer checkpoints (HF layouts and GGUF, or a remote OpenAI-compatible API): generate, chat, perplexity, embed, classify, ner, qa, zero-shot, search, translate, serve, finetune (LoRA, classifiers), merge, bench."
+    about = "Run transformer checkpoints (HF layouts and GGUF, or a remote OpenAI-compatible API): generate, chat, perplexity, embed, classify, ner, qa, zero-shot, search, translate, text2text, serve, finetune (LoRA, classifiers), merge, bench."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -60,6 +60,8 @@ enum Command {
     Finetune(finetune::FinetuneArgs),
     /// Translate with an encoder-decoder (opus-mt) and beam search, or a chat model by prompt.
     Translate(translate::TranslateArgs),
+    /// Run an encoder-decoder (T5, Flan-T5) on texts as they are, e.g. `summarize: …`.
+    Text2text(translate::TranslateArgs),
     /// Fold a LoRA adapter into its base checkpoint.
     Merge(merge::MergeArgs),
     /// Measure prefill and decode speed, load time and peak memory.
@@ -214,5 +216,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Fetch(args) => fetch::run(args),
         Command::Merge(args) => merge::run(args),
         Command::Translate(args) => with_threads(args.threads, || translate::run(args)),
+        Command::Text2text(args) => with_threads(args.threads, || translate::run_text2text(args)),
     }
 }

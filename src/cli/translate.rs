@@ -1,7 +1,9 @@
 use anyhow::Result;
 use clap::Args;
 use wordloom::generate::beam::BeamSettings;
-use wordloom::tasks::translate::{translate_by_prompt, Translation, Translator};
+use wordloom::tasks::translate::{
+    language_name, translate_by_prompt, Seq2SeqModel, Translation, Translator,
+};
 use wordloom::weights::ModelSource;
 use wordloom::LoadOptions;
 
@@ -52,6 +54,46 @@ fn print(args: &TranslateArgs, method: &str, text: &str, results: &[Translation]
     Ok(())
 }
 
+/// `text2text`: the text goes to an encoder-decoder as it is (e.g. T5's `summarize: …`).
+pub fn run_text2text(args: TranslateArgs) -> Result<()> {
+    let spec = args.model.clone().ok_or_else(|| {
+        anyhow::anyhow!("`text2text` needs an encoder-decoder model: give -m DIR or -m org/name")
+    })?;
+    let translator = Translator::load(&spec)?;
+    run_encoder_decoder(&args, &translator, String::new())
+}
+
+fn run_encoder_decoder(
+    args: &TranslateArgs,
+    translator: &Translator,
+    prefix: String,
+) -> Result<()> {
+    let mut settings: BeamSettings = translator.default_settings();
+    if let Some(beams) = args.beams {
+        settings.num_beams = beams;
+    }
+    settings.num_return_sequences = args.num_return_sequences;
+    if let Some(n) = args.max_new_tokens {
+        settings.max_length = n + 1;
+    }
+    if let Some(p) = args.length_penalty {
+        settings.length_penalty = p;
+    }
+    if let Some(n) = args.no_repeat_ngram_size {
+        settings.no_repeat_ngram_size = n;
+    }
+    args.input.run(
+        1,
+        |texts| {
+            Ok(texts
+                .iter()
+                .map(|t| translator.translate(&format!("{prefix}{t}"), &settings))
+                .collect())
+        },
+        |text, results| print(args, "encoder-decoder", text, &results),
+    )
+}
+
 pub fn run(args: TranslateArgs) -> Result<()> {
     let spec = super::model_or_default(args.model.as_deref())?;
     let encoder_decoder = match ModelSource::resolve(&spec)? {
@@ -66,22 +108,20 @@ pub fn run(args: TranslateArgs) -> Result<()> {
     };
     if encoder_decoder {
         let translator = Translator::load(&spec)?;
-        let mut settings: BeamSettings = translator.default_settings();
-        if let Some(beams) = args.beams {
-            settings.num_beams = beams;
-        }
-        settings.num_return_sequences = args.num_return_sequences;
-        if let Some(n) = args.max_new_tokens {
-            settings.max_length = n + 1;
-        }
-        if let Some(p) = args.length_penalty {
-            settings.length_penalty = p;
-        }
-        if let Some(n) = args.no_repeat_ngram_size {
-            settings.no_repeat_ngram_size = n;
-        }
-        let prefix = match &args.tgt {
-            Some(code) => {
+        let prefix = match (&translator.model, &args.tgt) {
+            // T5 was trained with task prefixes.
+            (Seq2SeqModel::T5(_), tgt) => {
+                let tgt = tgt.as_deref().ok_or_else(|| {
+                    anyhow::anyhow!("a T5 model translates by task prefix: give --tgt LANG (and --src, default English)")
+                })?;
+                let src = args.src.as_deref().unwrap_or("en");
+                format!(
+                    "translate {} to {}: ",
+                    language_name(src),
+                    language_name(tgt)
+                )
+            }
+            (_, Some(code)) => {
                 let token = format!(">>{code}<<");
                 anyhow::ensure!(
                     translator.tokenizer.token_to_id(&token).is_some(),
@@ -89,18 +129,9 @@ pub fn run(args: TranslateArgs) -> Result<()> {
                 );
                 format!("{token} ")
             }
-            None => String::new(),
+            (_, None) => String::new(),
         };
-        return args.input.run(
-            1,
-            |texts| {
-                Ok(texts
-                    .iter()
-                    .map(|t| translator.translate(&format!("{prefix}{t}"), &settings))
-                    .collect())
-            },
-            |text, results| print(&args, "encoder-decoder", text, &results),
-        );
+        return run_encoder_decoder(&args, &translator, prefix);
     }
     let target = args.tgt.as_deref().ok_or_else(|| {
         anyhow::anyhow!("`{spec}` is a chat model, which translates by prompt: give --tgt LANG")

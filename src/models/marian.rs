@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use super::attention::{batch_attention, AttentionShape};
 use super::kv_cache::KvCache;
 use super::layers::{Activation, LayerNorm};
-use super::{LogitsWanted, SeqInput};
+use super::{EncoderMemory, LogitsWanted, SeqInput};
 use crate::error::{Error, Result};
 use crate::weights::{Embedding, Linear, WeightStore};
 
@@ -157,13 +157,6 @@ struct DecoderLayer {
     encoder_attn_layer_norm: LayerNorm,
     feed_forward: FeedForward,
     final_layer_norm: LayerNorm,
-}
-
-/// The encoder's output as the decoder reads it: each layer's cross-attention keys and values.
-pub struct EncoderMemory {
-    layers: Vec<(Tensor, Tensor)>,
-    /// (source tokens, d_model), for inspection and tests.
-    pub hidden: Tensor,
 }
 
 /// A Marian encoder-decoder.

@@ -10,6 +10,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod llama;
 pub mod marian;
+pub mod t5;
 
 use std::sync::Arc;
 
@@ -30,6 +31,14 @@ pub struct ModelInfo {
     pub num_layers: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+}
+
+/// An encoder's output as an encoder-decoder's decoder reads it: each decoder layer's
+/// cross-attention keys and values (heads, source tokens, head_dim), computed once per source.
+pub struct EncoderMemory {
+    pub layers: Vec<(Tensor, Tensor)>,
+    /// The encoder's last hidden states (source tokens, d_model).
+    pub hidden: Tensor,
 }
 
 /// Which positions of a sequence the caller wants logits for.

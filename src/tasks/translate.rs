@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::generate::beam::{beam_search, BeamSettings, EarlyStopping, Hypothesis, StepDecoder};
 use crate::generate::sequence::GenerationParams;
-use crate::models::marian::{EncoderMemory, Marian};
-use crate::models::{KvCache, LanguageModel, LoadOptions};
+use crate::models::marian::Marian;
+use crate::models::t5::T5;
+use crate::models::{EncoderMemory, KvCache, LanguageModel, LoadOptions};
 use crate::tokenizer::sentencepiece::PieceVocabTokenizer;
-use crate::tokenizer::ChatMessage;
+use crate::tokenizer::{ChatMessage, Tokenizer};
 use crate::weights::{ModelSource, WeightStore};
 
 /// generation_config.json (or the generation keys of config.json), transformers' defaults.
@@ -18,8 +19,8 @@ use crate::weights::{ModelSource, WeightStore};
 struct GenerationDefaults {
     #[serde(default = "one")]
     num_beams: usize,
-    #[serde(default = "default_max_length")]
-    max_length: usize,
+    #[serde(default)]
+    max_length: Option<usize>,
     #[serde(default = "unit")]
     length_penalty: f32,
     #[serde(default)]
@@ -44,9 +45,8 @@ fn one() -> usize {
 fn unit() -> f32 {
     1.0
 }
-fn default_max_length() -> usize {
-    20
-}
+/// transformers' `max_length` when the checkpoint sets none: 20 new tokens after the decoder start.
+const DEFAULT_MAX_LENGTH: usize = 20 + 1;
 
 /// A translated text and how it scored.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -58,17 +58,123 @@ pub struct Translation {
     pub score: Option<f32>,
 }
 
+/// The encoder-decoder families.
+pub enum Seq2SeqModel {
+    Marian(Marian),
+    T5(T5),
+}
+
+impl Seq2SeqModel {
+    pub fn encode(&self, ids: &[u32]) -> Result<EncoderMemory> {
+        match self {
+            Seq2SeqModel::Marian(m) => m.encode(ids),
+            Seq2SeqModel::T5(m) => m.encode(ids),
+        }
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        match self {
+            Seq2SeqModel::Marian(m) => m.new_cache(),
+            Seq2SeqModel::T5(m) => m.new_cache(),
+        }
+    }
+
+    /// f32 logits (n, vocab) of one decoder step of n sequences over one source.
+    pub fn decode_step(
+        &self,
+        memory: &EncoderMemory,
+        tokens: &[u32],
+        caches: &mut [KvCache],
+    ) -> Result<candle_core::Tensor> {
+        match self {
+            Seq2SeqModel::Marian(m) => m.decode_step(memory, tokens, caches),
+            Seq2SeqModel::T5(m) => m.decode_step(memory, tokens, caches),
+        }
+    }
+
+    pub fn decoder_start_token_id(&self) -> u32 {
+        match self {
+            Seq2SeqModel::Marian(m) => m.config.decoder_start_token_id,
+            Seq2SeqModel::T5(m) => m
+                .config
+                .decoder_start_token_id
+                .unwrap_or(m.config.pad_token_id),
+        }
+    }
+
+    pub fn eos_token_id(&self) -> u32 {
+        match self {
+            Seq2SeqModel::Marian(m) => m.config.eos_token_id,
+            Seq2SeqModel::T5(m) => m.config.eos_token_id,
+        }
+    }
+
+    /// The longest source the model takes (fixed position tables), if limited.
+    fn max_source_tokens(&self) -> Option<usize> {
+        match self {
+            Seq2SeqModel::Marian(m) => Some(m.config.max_position_embeddings),
+            Seq2SeqModel::T5(_) => None,
+        }
+    }
+}
+
+/// Source text to ids and generated ids to text.
+pub enum Seq2SeqTokenizer {
+    /// SentencePiece models plus vocab.json (opus-mt).
+    PieceVocab(PieceVocabTokenizer),
+    /// tokenizer.json (T5).
+    Hf(Tokenizer),
+}
+
+impl Seq2SeqTokenizer {
+    /// Source pieces of `text`, as `tokenizer.tokenize` shows them in Python.
+    pub fn pieces(&self, text: &str) -> Result<Vec<String>> {
+        match self {
+            Seq2SeqTokenizer::PieceVocab(t) => t.pieces(text),
+            Seq2SeqTokenizer::Hf(t) => Ok(t
+                .inner()
+                .encode(text, false)
+                .map_err(|e| Error::Tokenizer(e.to_string()))?
+                .get_tokens()
+                .to_vec()),
+        }
+    }
+
+    /// Source ids, special tokens (`</s>`) included.
+    pub fn source_ids(&self, text: &str) -> Result<Vec<u32>> {
+        match self {
+            Seq2SeqTokenizer::PieceVocab(t) => Ok(t.ids(&t.pieces(text)?)),
+            Seq2SeqTokenizer::Hf(t) => t.encode(text, true),
+        }
+    }
+
+    /// Text of generated ids, special tokens left out.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        match self {
+            Seq2SeqTokenizer::PieceVocab(t) => Ok(t.decode(ids)),
+            Seq2SeqTokenizer::Hf(t) => t.decode(ids, true),
+        }
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        match self {
+            Seq2SeqTokenizer::PieceVocab(t) => t.token_to_id(token),
+            Seq2SeqTokenizer::Hf(t) => t.token_to_id(token),
+        }
+    }
+}
+
 /// An encoder-decoder translation model with its tokenizer and generation defaults.
 pub struct Translator {
-    pub model: Marian,
-    pub tokenizer: PieceVocabTokenizer,
+    pub model: Seq2SeqModel,
+    pub tokenizer: Seq2SeqTokenizer,
     defaults: GenerationDefaults,
     pub dir: PathBuf,
 }
 
 /// Beams of one source sentence, for the beam search.
 struct SourceDecoder<'a> {
-    model: &'a Marian,
+    model: &'a Seq2SeqModel,
     memory: EncoderMemory,
 }
 
@@ -91,7 +197,7 @@ impl StepDecoder for SourceDecoder<'_> {
     }
 }
 
-const ENCODER_DECODERS: &str = "marian (opus-mt)";
+const ENCODER_DECODERS: &str = "marian (opus-mt), t5 (T5, Flan-T5)";
 
 impl Translator {
     /// Load an encoder-decoder from an HF directory or hub id.
@@ -113,25 +219,42 @@ impl Translator {
             .get("model_type")
             .and_then(|v| v.as_str())
             .unwrap_or("");
-        if model_type != "marian" {
-            return Err(Error::UnsupportedArchitecture {
-                found: if model_type.is_empty() {
-                    "(config.json has no model_type)".into()
-                } else {
-                    model_type.to_string()
-                },
-                supported: ENCODER_DECODERS,
-            });
-        }
-        let marian_config = serde_json::from_value(config.clone())
-            .map_err(|e| Error::file(&config_path, format!("invalid config: {e}")))?;
-        let weights = WeightStore::open_hf_dir(&dir)?;
-        let model = Marian::load(marian_config, &weights, &LoadOptions::default().device)?;
-        let tokenizer = PieceVocabTokenizer::load(
-            &dir.join("source.spm"),
-            &dir.join("target.spm"),
-            &dir.join("vocab.json"),
-        )?;
+        let parse_error =
+            |e: serde_json::Error| Error::file(&config_path, format!("invalid config: {e}"));
+        let device = LoadOptions::default().device;
+        let (model, tokenizer) = match model_type {
+            "marian" => {
+                let weights = WeightStore::open_hf_dir(&dir)?;
+                let config = serde_json::from_value(config.clone()).map_err(parse_error)?;
+                let tokenizer = PieceVocabTokenizer::load(
+                    &dir.join("source.spm"),
+                    &dir.join("target.spm"),
+                    &dir.join("vocab.json"),
+                )?;
+                (
+                    Seq2SeqModel::Marian(Marian::load(config, &weights, &device)?),
+                    Seq2SeqTokenizer::PieceVocab(tokenizer),
+                )
+            }
+            "t5" => {
+                let weights = WeightStore::open_hf_dir(&dir)?;
+                let config = serde_json::from_value(config.clone()).map_err(parse_error)?;
+                (
+                    Seq2SeqModel::T5(T5::load(config, &weights, &device)?),
+                    Seq2SeqTokenizer::Hf(Tokenizer::from_hf_dir(&dir)?),
+                )
+            }
+            other => {
+                return Err(Error::UnsupportedArchitecture {
+                    found: if other.is_empty() {
+                        "(config.json has no model_type)".into()
+                    } else {
+                        other.to_string()
+                    },
+                    supported: ENCODER_DECODERS,
+                })
+            }
+        };
         let generation_path = dir.join("generation_config.json");
         let defaults_json = if generation_path.is_file() {
             let text = std::fs::read_to_string(&generation_path)
@@ -164,7 +287,7 @@ impl Translator {
             ),
             _ => None,
         }
-        .unwrap_or_else(|| vec![self.model.config.eos_token_id]);
+        .unwrap_or_else(|| vec![self.model.eos_token_id()]);
         BeamSettings {
             num_beams: d.num_beams.max(1),
             num_return_sequences: 1,
@@ -175,12 +298,10 @@ impl Translator {
                 _ => EarlyStopping::False,
             },
             no_repeat_ngram_size: d.no_repeat_ngram_size,
-            max_length: d.max_length,
+            max_length: d.max_length.unwrap_or(DEFAULT_MAX_LENGTH),
             eos_token_ids: eos,
             forced_bos_token_id: d.forced_bos_token_id,
-            forced_eos_token_id: d
-                .forced_eos_token_id
-                .or(self.model.config.forced_eos_token_id),
+            forced_eos_token_id: d.forced_eos_token_id,
             suppressed: d
                 .bad_words_ids
                 .iter()
@@ -193,7 +314,7 @@ impl Translator {
 
     /// Source ids of `text`, as the Python tokenizer gives them (`</s>` last).
     pub fn source_ids(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self.tokenizer.ids(&self.tokenizer.pieces(text)?))
+        self.tokenizer.source_ids(text)
     }
 
     /// Translate one text. A text longer than the model's input limit is split at sentence
@@ -203,10 +324,9 @@ impl Translator {
             return Err(Error::invalid("nothing to translate: the text is empty"));
         }
         let ids = self.source_ids(text)?;
-        let limit = self.model.config.max_position_embeddings;
-        if ids.len() <= limit {
+        let Some(limit) = self.model.max_source_tokens().filter(|&l| ids.len() > l) else {
             return self.translate_ids(&ids, settings);
-        }
+        };
         let sentences = split_sentences(text);
         if sentences.len() < 2 {
             return Err(Error::invalid(format!(
@@ -243,15 +363,17 @@ impl Translator {
             model: &self.model,
             memory: self.model.encode(ids)?,
         };
-        let hypotheses = beam_search(&decoder, self.model.config.decoder_start_token_id, settings)?;
-        Ok(hypotheses
+        let hypotheses = beam_search(&decoder, self.model.decoder_start_token_id(), settings)?;
+        hypotheses
             .into_iter()
-            .map(|Hypothesis { tokens, score }| Translation {
-                text: self.tokenizer.decode(&tokens[1..]),
-                token_ids: tokens,
-                score: Some(score),
+            .map(|Hypothesis { tokens, score }| {
+                Ok(Translation {
+                    text: self.tokenizer.decode(&tokens[1..])?,
+                    token_ids: tokens,
+                    score: Some(score),
+                })
             })
-            .collect())
+            .collect()
     }
 
     pub fn path(&self) -> &Path {
