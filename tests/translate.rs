@@ -1,4 +1,4 @@
-//! Encoder-decoder translation against `transformers` (tests/fixtures/tiny-marian and tiny-t5, made by
+//! Encoder-decoder translation against `transformers` (tests/fixtures/tiny-marian, tiny-t5, tiny-m2m100, made by
 //! scripts/make_translation_fixtures.py): SentencePiece pieces and ids read from the .spm
 //! protobufs, encoder states and first-step log-probabilities within 1e-4, and greedy, beam
 //! (4 beams, length penalty, no-repeat n-grams, 2 returned) and checkpoint-default searches
@@ -22,12 +22,16 @@ fn trimmed(v: &Value, eos: u32) -> Vec<u32> {
     ids
 }
 
-fn check(name: &str) {
-    let translator = Translator::load(fixture(name).to_str().unwrap()).unwrap();
-    let reference = read_json(&format!("{name}/reference.json"));
+fn check(name: &str, cases: &[(&Value, Option<&str>)]) {
+    let mut translator = Translator::load(fixture(name).to_str().unwrap()).unwrap();
     let eos = translator.model.eos_token_id();
-    let defaults = translator.default_settings();
-    for (i, case) in reference["cases"].as_array().unwrap().iter().enumerate() {
+    for &(case, target) in cases {
+        let mut defaults = translator.default_settings();
+        if target.is_some() {
+            translator
+                .set_languages(None, target, &mut defaults)
+                .unwrap();
+        }
         let text = case["text"].as_str().unwrap();
         let pieces: Vec<String> = serde_json::from_value(case["source_pieces"].clone()).unwrap();
         assert_eq!(
@@ -37,24 +41,29 @@ fn check(name: &str) {
         );
         let source = translator.source_ids(text).unwrap();
         assert_eq!(source, ids(&case["source_ids"]), "ids of {name}: {text:?}");
-        if i == 0 {
+        if let Some(expected) = case.get("encoder_last_hidden_state") {
             let memory = translator.model.encode(&source).unwrap();
             let hidden: Vec<f32> = memory.hidden.flatten_all().unwrap().to_vec1().unwrap();
-            let diff = max_abs_diff(
-                &hidden,
-                &floats(&case["encoder_last_hidden_state"]["values"]),
-            );
-            assert!(diff < TOLERANCE, "encoder states differ by {diff}");
+            let diff = max_abs_diff(&hidden, &floats(&expected["values"]));
+            assert!(diff < TOLERANCE, "{name}: encoder states differ by {diff}");
+            let first = &case["first_step_logprobs"];
             let mut cache = vec![translator.model.new_cache()];
-            let start = translator.model.decoder_start_token_id();
-            let logits = translator
-                .model
-                .decode_step(&memory, &[start], &mut cache)
-                .unwrap();
-            let log_probs = wordloom::models::attention::log_softmax(&logits).unwrap();
+            let mut logits = None;
+            for token in ids(&first["decoder_input_ids"]) {
+                logits = Some(
+                    translator
+                        .model
+                        .decode_step(&memory, &[token], &mut cache)
+                        .unwrap(),
+                );
+            }
+            let log_probs = wordloom::models::attention::log_softmax(&logits.unwrap()).unwrap();
             let ours: Vec<f32> = log_probs.flatten_all().unwrap().to_vec1().unwrap();
-            let diff = max_abs_diff(&ours, &floats(&case["first_step_logprobs"]["values"]));
-            assert!(diff < TOLERANCE, "first-step log-probs differ by {diff}");
+            let diff = max_abs_diff(&ours, &floats(&first["values"]));
+            assert!(
+                diff < TOLERANCE,
+                "{name}: first-step log-probs differ by {diff}"
+            );
         }
         let greedy = BeamSettings {
             num_beams: 1,
@@ -91,7 +100,7 @@ fn check(name: &str) {
             let score = expected["sequences_scores"][k].as_f64().unwrap() as f32;
             assert!(
                 (hypothesis.score.unwrap() - score).abs() < TOLERANCE,
-                "beam {k} of {text:?}: score {:?} vs {score}",
+                "beam {k} of {name}: {text:?}: score {:?} vs {score}",
                 hypothesis.score
             );
         }
@@ -104,14 +113,36 @@ fn check(name: &str) {
     }
 }
 
+fn all_cases<'a>(
+    reference: &'a Value,
+    target: Option<&'static str>,
+) -> Vec<(&'a Value, Option<&'static str>)> {
+    reference["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c, target))
+        .collect()
+}
+
 #[test]
 fn marian_matches_transformers() {
-    check("tiny-marian");
+    let reference = read_json("tiny-marian/reference.json");
+    check("tiny-marian", &all_cases(&reference, None));
 }
 
 #[test]
 fn t5_matches_transformers() {
-    check("tiny-t5");
+    let reference = read_json("tiny-t5/reference.json");
+    check("tiny-t5", &all_cases(&reference, None));
+}
+
+#[test]
+fn m2m100_matches_transformers_with_forced_target_languages() {
+    let reference = read_json("tiny-m2m100/reference.json");
+    let mut cases = all_cases(&reference, Some("fr"));
+    cases.push((&reference["case_tgt_de"], Some("de")));
+    check("tiny-m2m100", &cases);
 }
 
 #[test]
@@ -134,6 +165,26 @@ fn translate_command_names_bad_input() {
         !ok && stderr.contains("unsupported architecture `bert`"),
         "{stderr}"
     );
+    let m2m = fixture("tiny-m2m100");
+    let m2m = m2m.to_str().unwrap();
+    let (ok, _, stderr) = wordloom(&["translate", "-m", m2m, "--tgt", "xx", "hello"]);
+    assert!(
+        !ok && stderr.contains("unknown language `xx`; this model knows: af, am,"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = wordloom(&["translate", "-m", m2m, "hello"]);
+    assert!(!ok && stderr.contains("give --tgt LANG"), "{stderr}");
+    let (ok, _, stderr) = wordloom(&[
+        "translate",
+        "-m",
+        m2m,
+        "--src",
+        "fr",
+        "--tgt",
+        "de",
+        "bonjour",
+    ]);
+    assert!(ok, "{stderr}");
     let missing = tempfile::tempdir().unwrap();
     for name in [
         "config.json",

@@ -60,15 +60,23 @@ pub fn run_text2text(args: TranslateArgs) -> Result<()> {
         anyhow::anyhow!("`text2text` needs an encoder-decoder model: give -m DIR or -m org/name")
     })?;
     let translator = Translator::load(&spec)?;
-    run_encoder_decoder(&args, &translator, String::new())
+    run_encoder_decoder(&args, translator, String::new())
 }
 
 fn run_encoder_decoder(
     args: &TranslateArgs,
-    translator: &Translator,
+    mut translator: Translator,
     prefix: String,
 ) -> Result<()> {
     let mut settings: BeamSettings = translator.default_settings();
+    if translator.is_multilingual() {
+        anyhow::ensure!(
+            args.tgt.is_some(),
+            "this model translates between many languages: give --tgt LANG (and --src, default en)"
+        );
+        translator.set_languages(args.src.as_deref(), args.tgt.as_deref(), &mut settings)?;
+    }
+    let translator = &translator;
     if let Some(beams) = args.beams {
         settings.num_beams = beams;
     }
@@ -121,6 +129,7 @@ pub fn run(args: TranslateArgs) -> Result<()> {
                     language_name(tgt)
                 )
             }
+            (_, Some(_)) if translator.is_multilingual() => String::new(),
             (_, Some(code)) => {
                 let token = format!(">>{code}<<");
                 anyhow::ensure!(
@@ -131,7 +140,7 @@ pub fn run(args: TranslateArgs) -> Result<()> {
             }
             (_, None) => String::new(),
         };
-        return run_encoder_decoder(&args, &translator, prefix);
+        return run_encoder_decoder(&args, translator, prefix);
     }
     let target = args.tgt.as_deref().ok_or_else(|| {
         anyhow::anyhow!("`{spec}` is a chat model, which translates by prompt: give --tgt LANG")

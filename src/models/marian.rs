@@ -1,8 +1,11 @@
-//! Marian (the opus-mt translation models): a BART-shaped encoder-decoder. Token embeddings
+//! Marian (the opus-mt translation models) and M2M100 / NLLB: BART-shaped encoder-decoders. Token embeddings
 //! scaled by sqrt(d_model) plus fixed sinusoidal positions; post-LayerNorm blocks (attention,
 //! add, norm; feed-forward, add, norm); the decoder adds cross-attention over the encoder's
 //! output. The encoder runs once per source; each decoder step reads its own self-attention
 //! cache and the cross-attention keys/values computed once from the encoder output.
+//! M2M100 differs only in where the norms sit (before each block, plus a final norm per stack)
+//! and in its position table (fairseq's: sines then cosines of a geometric frequency series,
+//! offset past the padding id).
 
 use candle_core::{DType, Device, Tensor};
 
@@ -159,11 +162,25 @@ struct DecoderLayer {
     final_layer_norm: LayerNorm,
 }
 
-/// A Marian encoder-decoder.
+/// Which member of the family a checkpoint is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    /// Post-norm blocks, positions from 0.
+    Marian,
+    /// Pre-norm blocks with a final norm per stack, positions from padding id + 1.
+    M2M100,
+}
+
+/// A Marian or M2M100 encoder-decoder.
 pub struct Marian {
+    pub flavor: Flavor,
     encoder_embed: Embedding,
     decoder_embed: Embedding,
     positions: Tensor,
+    /// Row of `positions` for position 0.
+    position_offset: usize,
+    /// M2M100's norms after the last encoder / decoder block.
+    final_norms: Option<(LayerNorm, LayerNorm)>,
     embed_scale: f64,
     encoder: Vec<EncoderLayer>,
     decoder: Vec<DecoderLayer>,
@@ -171,6 +188,25 @@ pub struct Marian {
     final_logits_bias: Tensor,
     pub config: MarianConfig,
     device: Device,
+}
+
+/// fairseq's position table (M2M100): row p is [sin(p·f_i)…, cos(p·f_i)…] with
+/// f_i = exp(-i·ln(10000)/(d/2 - 1)), in f32 as transformers computes it; the padding row is zero.
+fn fairseq_positions(n: usize, d: usize, padding: usize, device: &Device) -> Result<Tensor> {
+    let half = d / 2;
+    let step = (10000f32).ln() / (half as f32 - 1.0);
+    let mut table = vec![0f32; n * d];
+    for pos in 0..n {
+        for i in 0..half {
+            let angle = pos as f32 * (i as f32 * -step).exp();
+            table[pos * d + i] = angle.sin();
+            table[pos * d + half + i] = angle.cos();
+        }
+    }
+    if padding < n {
+        table[padding * d..(padding + 1) * d].fill(0.0);
+    }
+    Ok(Tensor::from_vec(table, (n, d), device)?)
 }
 
 /// Marian's fixed position table: the first half of each row sines, the second half cosines,
@@ -192,7 +228,12 @@ fn sinusoidal_positions(n: usize, d: usize, device: &Device) -> Result<Tensor> {
 }
 
 impl Marian {
-    pub fn load(config: MarianConfig, w: &WeightStore, device: &Device) -> Result<Self> {
+    pub fn load(
+        config: MarianConfig,
+        flavor: Flavor,
+        w: &WeightStore,
+        device: &Device,
+    ) -> Result<Self> {
         let d = config.d_model;
         let activation = Activation::for_checkpoint(&config.activation_function, w)?;
         let decoder_vocab = config.decoder_vocab_size.unwrap_or(config.vocab_size);
@@ -303,10 +344,34 @@ impl Marian {
         } else {
             Tensor::zeros((1, decoder_vocab), DType::F32, device)?
         };
+        let (positions, position_offset, final_norms) = match flavor {
+            Flavor::Marian => (
+                sinusoidal_positions(config.max_position_embeddings, d, device)?,
+                0,
+                None,
+            ),
+            Flavor::M2M100 => {
+                let offset = config.pad_token_id as usize + 1;
+                let table = fairseq_positions(
+                    config.max_position_embeddings + offset,
+                    d,
+                    config.pad_token_id as usize,
+                    device,
+                )?;
+                let norms = (
+                    norm(w, "model.encoder.layer_norm", d, device)?,
+                    norm(w, "model.decoder.layer_norm", d, device)?,
+                );
+                (table, offset, Some(norms))
+            }
+        };
         Ok(Marian {
+            flavor,
             encoder_embed,
             decoder_embed,
-            positions: sinusoidal_positions(config.max_position_embeddings, d, device)?,
+            positions,
+            position_offset,
+            final_norms,
             embed_scale: if config.scale_embedding {
                 (d as f64).sqrt()
             } else {
@@ -327,6 +392,19 @@ impl Marian {
             .unwrap_or(self.config.vocab_size)
     }
 
+    /// One block with its residual connection: `norm(x + f(x))` (Marian) or `x + f(norm(x))` (M2M100).
+    fn residual(
+        &self,
+        x: &Tensor,
+        norm: &LayerNorm,
+        mut f: impl FnMut(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        Ok(match self.flavor {
+            Flavor::Marian => norm.forward(&(x + f(x)?)?)?,
+            Flavor::M2M100 => (x + f(&norm.forward(x)?)?)?,
+        })
+    }
+
     /// Source embeddings: scaled, plus positions 0.. .
     fn embed_source(&self, ids: &[u32]) -> Result<Tensor> {
         if ids.len() > self.config.max_position_embeddings {
@@ -338,7 +416,8 @@ impl Marian {
         let x = self
             .encoder_embed
             .forward(&Tensor::new(ids, &self.device)?)?;
-        Ok(((x * self.embed_scale)? + self.positions.narrow(0, 0, ids.len())?)?)
+        Ok(((x * self.embed_scale)?
+            + self.positions.narrow(0, self.position_offset, ids.len())?)?)
     }
 
     /// Run the encoder over one source sentence's ids.
@@ -354,11 +433,16 @@ impl Marian {
         }
         let mut x = self.embed_source(ids)?;
         for layer in &self.encoder {
-            let (k, v) = layer.self_attn.keys_values(&x)?;
-            let attended = layer.self_attn.attend(&x, &k, &v)?;
-            x = layer.self_attn_layer_norm.forward(&(x + attended)?)?;
-            let fed = layer.feed_forward.forward(&x)?;
-            x = layer.final_layer_norm.forward(&(x + fed)?)?;
+            x = self.residual(&x, &layer.self_attn_layer_norm, |h| {
+                let (k, v) = layer.self_attn.keys_values(h)?;
+                layer.self_attn.attend(h, &k, &v)
+            })?;
+            x = self.residual(&x, &layer.final_layer_norm, |h| {
+                layer.feed_forward.forward(h)
+            })?;
+        }
+        if let Some((encoder_norm, _)) = &self.final_norms {
+            x = encoder_norm.forward(&x)?;
         }
         let layers = self
             .decoder
@@ -410,8 +494,10 @@ impl Marian {
         }
         // Every sequence sits at the same position: one row of the table for all.
         let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = (self.decoder_embed.forward(&ids)? * self.embed_scale)?
-            .broadcast_add(&self.positions.narrow(0, position, 1)?)?;
+        let row = self
+            .positions
+            .narrow(0, self.position_offset + position, 1)?;
+        let mut x = (self.decoder_embed.forward(&ids)? * self.embed_scale)?.broadcast_add(&row)?;
         let mut batch: Vec<SeqInput<'_>> = caches
             .iter_mut()
             .zip(tokens.chunks(1))
@@ -424,22 +510,27 @@ impl Marian {
         for (index, layer) in self.decoder.iter().enumerate() {
             let attn = &layer.self_attn;
             let shape = AttentionShape::new(attn.heads, attn.heads, attn.head_dim);
-            let attended = batch_attention(
-                &shape,
-                &attn.q_proj.forward(&x)?,
-                &attn.k_proj.forward(&x)?,
-                &attn.v_proj.forward(&x)?,
-                &mut batch,
-                index,
-            )?;
-            x = layer
-                .self_attn_layer_norm
-                .forward(&(&x + attn.out_proj.forward(&attended)?)?)?;
+            x = self.residual(&x, &layer.self_attn_layer_norm, |h| {
+                let attended = batch_attention(
+                    &shape,
+                    &attn.q_proj.forward(h)?,
+                    &attn.k_proj.forward(h)?,
+                    &attn.v_proj.forward(h)?,
+                    &mut batch,
+                    index,
+                )?;
+                attn.out_proj.forward(&attended)
+            })?;
             let (keys, values) = &memory.layers[index];
-            let crossed = layer.encoder_attn.attend(&x, keys, values)?;
-            x = layer.encoder_attn_layer_norm.forward(&(x + crossed)?)?;
-            let fed = layer.feed_forward.forward(&x)?;
-            x = layer.final_layer_norm.forward(&(x + fed)?)?;
+            x = self.residual(&x, &layer.encoder_attn_layer_norm, |h| {
+                layer.encoder_attn.attend(h, keys, values)
+            })?;
+            x = self.residual(&x, &layer.final_layer_norm, |h| {
+                layer.feed_forward.forward(h)
+            })?;
+        }
+        if let Some((_, decoder_norm)) = &self.final_norms {
+            x = decoder_norm.forward(&x)?;
         }
         for seq in batch.iter_mut() {
             seq.cache.advance(1);

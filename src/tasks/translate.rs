@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::generate::beam::{beam_search, BeamSettings, EarlyStopping, Hypothesis, StepDecoder};
 use crate::generate::sequence::GenerationParams;
-use crate::models::marian::Marian;
+use crate::models::marian::{Flavor, Marian};
 use crate::models::t5::T5;
 use crate::models::{EncoderMemory, KvCache, LanguageModel, LoadOptions};
 use crate::tokenizer::sentencepiece::PieceVocabTokenizer;
@@ -197,7 +197,32 @@ impl StepDecoder for SourceDecoder<'_> {
     }
 }
 
-const ENCODER_DECODERS: &str = "marian (opus-mt), t5 (T5, Flan-T5)";
+const ENCODER_DECODERS: &str = "marian (opus-mt), t5 (T5, Flan-T5), m2m_100 (M2M100)";
+
+/// M2M100's language tokens in id order: tokenizer_config.json's `additional_special_tokens`.
+fn language_tokens(dir: &Path) -> Result<Vec<String>> {
+    let path = dir.join("tokenizer_config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let config: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::file(&path, format!("invalid JSON: {e}")))?;
+    let tokens: Vec<String> = config
+        .get("additional_special_tokens")
+        .and_then(|v| v.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t.as_str().or_else(|| t.get("content")?.as_str()))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    if tokens.is_empty() {
+        return Err(Error::file(
+            &path,
+            "no language tokens (additional_special_tokens)",
+        ));
+    }
+    Ok(tokens)
+}
 
 impl Translator {
     /// Load an encoder-decoder from an HF directory or hub id.
@@ -232,7 +257,20 @@ impl Translator {
                     &dir.join("vocab.json"),
                 )?;
                 (
-                    Seq2SeqModel::Marian(Marian::load(config, &weights, &device)?),
+                    Seq2SeqModel::Marian(Marian::load(config, Flavor::Marian, &weights, &device)?),
+                    Seq2SeqTokenizer::PieceVocab(tokenizer),
+                )
+            }
+            "m2m_100" => {
+                let weights = WeightStore::open_hf_dir(&dir)?;
+                let config = serde_json::from_value(config.clone()).map_err(parse_error)?;
+                let spm = dir.join("sentencepiece.bpe.model");
+                let mut tokenizer = PieceVocabTokenizer::load(&spm, &spm, &dir.join("vocab.json"))?
+                    .with_languages(&language_tokens(&dir)?);
+                // transformers' M2M100Tokenizer reads English unless told otherwise.
+                tokenizer.source_prefix = tokenizer.language_id("en").ok();
+                (
+                    Seq2SeqModel::Marian(Marian::load(config, Flavor::M2M100, &weights, &device)?),
                     Seq2SeqTokenizer::PieceVocab(tokenizer),
                 )
             }
@@ -273,6 +311,34 @@ impl Translator {
             defaults,
             dir,
         })
+    }
+
+    /// Choose the source and target languages of a multilingual model (M2M100): the source
+    /// token goes before the text, the target token is forced as the first generated one.
+    pub fn set_languages(
+        &mut self,
+        source: Option<&str>,
+        target: Option<&str>,
+        settings: &mut BeamSettings,
+    ) -> Result<()> {
+        let Seq2SeqTokenizer::PieceVocab(tokenizer) = &mut self.tokenizer else {
+            return Err(Error::invalid("this model does not take language codes"));
+        };
+        if !tokenizer.has_languages() {
+            return Err(Error::invalid("this model does not take language codes"));
+        }
+        if let Some(code) = source {
+            tokenizer.source_prefix = Some(tokenizer.language_id(code)?);
+        }
+        if let Some(code) = target {
+            settings.forced_bos_token_id = Some(tokenizer.language_id(code)?);
+        }
+        Ok(())
+    }
+
+    /// Whether the model needs `--tgt` (a multilingual model with language tokens).
+    pub fn is_multilingual(&self) -> bool {
+        matches!(&self.tokenizer, Seq2SeqTokenizer::PieceVocab(t) if t.has_languages())
     }
 
     /// The checkpoint's own search settings (what `model.generate(**inputs)` uses).

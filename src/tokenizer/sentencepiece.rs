@@ -171,23 +171,27 @@ impl SentencePieceModel {
 
     /// A `tokenizers` tokenizer producing the same pieces (and piece ids) as `sentencepiece`.
     pub fn tokenizer(&self, path: &Path) -> Result<tokenizers::Tokenizer> {
-        if self.model_type != 1 {
-            return Err(Error::file(
-                path,
-                format!(
-                    "SentencePiece model type {} is not supported (only unigram models)",
-                    self.model_type
-                ),
-            ));
-        }
-        let vocab = self
-            .pieces
-            .iter()
-            .map(|p| (p.piece.clone(), f64::from(p.score)))
-            .collect();
-        let unigram = Unigram::from(vocab, Some(self.unk_id), self.byte_fallback)
-            .map_err(|e| Error::file(path, format!("SentencePiece vocabulary: {e}")))?;
-        let mut tokenizer = tokenizers::Tokenizer::new(unigram);
+        let mut tokenizer = match self.model_type {
+            1 => {
+                let vocab = self
+                    .pieces
+                    .iter()
+                    .map(|p| (p.piece.clone(), f64::from(p.score)))
+                    .collect();
+                let unigram = Unigram::from(vocab, Some(self.unk_id), self.byte_fallback)
+                    .map_err(|e| Error::file(path, format!("SentencePiece vocabulary: {e}")))?;
+                tokenizers::Tokenizer::new(unigram)
+            }
+            2 => tokenizers::Tokenizer::new(self.bpe(path)?),
+            other => {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "SentencePiece model type {other} is not supported (unigram and BPE are)"
+                    ),
+                ))
+            }
+        };
         let replace = |pattern: tokenizers::normalizers::replace::ReplacePattern, to: &str| {
             Replace::new(pattern, to)
                 .map(NormalizerWrapper::Replace)
@@ -217,6 +221,50 @@ impl SentencePieceModel {
             tokenizer.with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::Always, false)));
         }
         Ok(tokenizer)
+    }
+
+    /// A BPE model whose merges are ranked by the merged piece's score, as transformers'
+    /// converter builds them (only normal pieces merge).
+    fn bpe(&self, path: &Path) -> Result<tokenizers::models::bpe::BPE> {
+        let normal: std::collections::HashMap<&str, (f32, usize)> = self
+            .pieces
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.kind == PieceType::Normal)
+            .map(|(i, p)| (p.piece.as_str(), (p.score, i)))
+            .collect();
+        let mut ranked: Vec<(f32, usize, &str, &str)> = Vec::new();
+        for (&token, &(score, id)) in &normal {
+            for (at, _) in token.char_indices().skip(1) {
+                let (left, right) = token.split_at(at);
+                if normal.contains_key(left) && normal.contains_key(right) {
+                    ranked.push((-score, id, left, right));
+                }
+            }
+        }
+        ranked.sort_by(|a, b| {
+            a.0.total_cmp(&b.0)
+                .then(a.1.cmp(&b.1))
+                .then(a.2.cmp(b.2))
+                .then(a.3.cmp(b.3))
+        });
+        let merges = ranked
+            .into_iter()
+            .map(|(_, _, l, r)| (l.to_string(), r.to_string()))
+            .collect();
+        let vocab: tokenizers::models::bpe::Vocab = self
+            .pieces
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.piece.clone(), i as u32))
+            .collect();
+        tokenizers::models::bpe::BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .unk_token(self.pieces[self.unk_id].piece.clone())
+            .fuse_unk(true)
+            .byte_fallback(self.byte_fallback)
+            .build()
+            .map_err(|e| Error::file(path, format!("SentencePiece BPE vocabulary: {e}")))
     }
 
     /// Text of `pieces` as `sentencepiece`'s `decode_pieces` gives it.
@@ -274,12 +322,18 @@ fn parse_piece(bytes: &[u8]) -> std::result::Result<Piece, ()> {
 /// ids). Source and target may have their own SentencePiece models.
 pub struct PieceVocabTokenizer {
     source: tokenizers::Tokenizer,
+    /// The source model's unknown-piece id.
+    source_unk: u32,
     target: SentencePieceModel,
     vocab: std::collections::HashMap<String, u32>,
     tokens: Vec<String>,
     pub unk_id: u32,
     pub eos_id: u32,
     pub pad_id: Option<u32>,
+    /// M2M100's language tokens (`__fr__`), numbered after the vocabulary.
+    languages: std::collections::HashMap<String, u32>,
+    /// Token put before the source pieces (M2M100's source language).
+    pub source_prefix: Option<u32>,
 }
 
 impl PieceVocabTokenizer {
@@ -290,7 +344,8 @@ impl PieceVocabTokenizer {
                 return Err(Error::file(path, "missing tokenizer file"));
             }
         }
-        let source = SentencePieceModel::read(source_spm)?.tokenizer(source_spm)?;
+        let source_model = SentencePieceModel::read(source_spm)?;
+        let source = source_model.tokenizer(source_spm)?;
         let target = SentencePieceModel::read(target_spm)?;
         let text = std::fs::read_to_string(vocab_path).map_err(|e| Error::io(vocab_path, e))?;
         let vocab: std::collections::HashMap<String, u32> = serde_json::from_str(&text)
@@ -308,17 +363,52 @@ impl PieceVocabTokenizer {
         let pad_id = id("<pad>");
         Ok(PieceVocabTokenizer {
             source,
+            source_unk: source_model.unk_id as u32,
             target,
             vocab,
             tokens,
             unk_id,
             eos_id,
             pad_id,
+            languages: std::collections::HashMap::new(),
+            source_prefix: None,
         })
     }
 
+    /// Add language tokens numbered after the vocabulary, in `codes` order (M2M100).
+    pub fn with_languages(mut self, tokens: &[String]) -> Self {
+        for token in tokens {
+            let id = self.tokens.len() as u32;
+            self.languages.insert(token.clone(), id);
+            self.tokens.push(token.clone());
+        }
+        self
+    }
+
+    /// The id of a language token given as `fr`, `__fr__` or the token itself.
+    pub fn language_id(&self, code: &str) -> Result<u32> {
+        for candidate in [code.to_string(), format!("__{code}__")] {
+            if let Some(&id) = self.languages.get(&candidate) {
+                return Ok(id);
+            }
+        }
+        let mut known: Vec<&str> = self.languages.keys().map(|t| t.trim_matches('_')).collect();
+        known.sort_unstable();
+        Err(Error::invalid(format!(
+            "unknown language `{code}`; this model knows: {}",
+            known.join(", ")
+        )))
+    }
+
+    pub fn has_languages(&self) -> bool {
+        !self.languages.is_empty()
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.vocab.get(token).copied()
+        self.vocab
+            .get(token)
+            .or_else(|| self.languages.get(token))
+            .copied()
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -338,26 +428,46 @@ impl PieceVocabTokenizer {
             .source
             .encode(rest, false)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(code
-            .into_iter()
-            .chain(encoding.get_tokens().iter().cloned())
-            .collect())
+        // SentencePiece shows an unknown piece as the text it covers, not as `<unk>`.
+        let unk = self.source.id_to_token(self.source_unk);
+        let pieces = encoding
+            .get_tokens()
+            .iter()
+            .zip(encoding.get_offsets())
+            .map(
+                |(token, &(start, end))| match (&unk, rest.get(start..end)) {
+                    (Some(u), Some(surface)) if token == u && !surface.is_empty() => {
+                        surface.to_string()
+                    }
+                    _ => token.clone(),
+                },
+            );
+        Ok(code.into_iter().chain(pieces).collect())
     }
 
-    /// Model ids of `pieces`, unknown pieces as `<unk>`, then `</s>`.
+    /// Model ids of `pieces` (after the source-language token, if set), unknown pieces as
+    /// `<unk>`, then `</s>`.
     pub fn ids(&self, pieces: &[String]) -> Vec<u32> {
-        pieces
-            .iter()
-            .map(|p| self.vocab.get(p).copied().unwrap_or(self.unk_id))
+        self.source_prefix
+            .into_iter()
+            .chain(
+                pieces
+                    .iter()
+                    .map(|p| self.vocab.get(p).copied().unwrap_or(self.unk_id)),
+            )
             .chain(std::iter::once(self.eos_id))
             .collect()
     }
 
     /// Text of generated ids, special tokens (`</s>`, `<pad>`, `<unk>`) left out.
     pub fn decode(&self, ids: &[u32]) -> String {
+        let bos = self.vocab.get("<s>").copied();
         let pieces: Vec<&str> = ids
             .iter()
-            .filter(|&&id| id != self.eos_id && id != self.unk_id && Some(id) != self.pad_id)
+            .filter(|&&id| {
+                id != self.eos_id && id != self.unk_id && Some(id) != self.pad_id && Some(id) != bos
+            })
+            .filter(|id| !self.languages.values().any(|l| l == *id))
             .filter_map(|&id| self.tokens.get(id as usize).map(String::as_str))
             .collect();
         self.target.decode_pieces(&pieces).trim().to_string()
