@@ -1,5 +1,6 @@
 //! The shipped SmolLM2-135M-Instruct GGUF (fetched into the cache) against `transformers`'
-//! references for the same file: tokenizer, chat template, perplexity, and a real chat answer.
+//! references for the same file: tokenizer, chat template, perplexity, a real chat answer, and
+//! translation through the chat template.
 
 mod common;
 
@@ -132,4 +133,25 @@ fn raw_completion_top_token_matches_transformers() {
         "logprob {} vs {best_logprob}",
         first.logprob
     );
+}
+
+#[test]
+fn the_default_model_translates_by_prompt() {
+    let path = common::smollm2_path();
+    let (ok, stdout, stderr) = common::wordloom(&[
+        "translate",
+        "-m",
+        path.to_str().unwrap(),
+        "--tgt",
+        "fr",
+        "--max-new-tokens",
+        "40",
+        "--json",
+        "The weather is nice today.",
+    ]);
+    assert!(ok, "{stderr}");
+    let line: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(line["method"], "chat-prompt");
+    let text = line["translations"][0]["text"].as_str().unwrap();
+    assert!(text.contains("temps"), "French for the weather: {text:?}");
 }
