@@ -30,18 +30,28 @@ Needs torch, transformers (>= 5), sentencepiece, safetensors. No network (HF_HUB
   (bad_words_ids [[58100]], bos 0, decoder_start 58100, eos 0, forced_eos 0, max_length 512,
   num_beams 4, pad 58100, renormalize_logits true). Tokenizer: source.spm, target.spm, vocab.json
   and tokenizer_config.json copied from tests/fixtures/tiny-marian (296 ids; the tokenizer never
-  produces an id past 295, and generated ids past 295 decode to nothing: MarianTokenizer maps
-  them to <unk>, which skip_special_tokens drops).
+  produces an id past 295; generated ids past 295 have no token, and the benchmark drops them
+  before decoding: transformers 5's MarianTokenizer would look them up in the spm model and
+  raise IndexError).
 
-  EOS tweak: with N(0, 0.02^2) weights the post-LayerNorm decoder output is nearly the scaled
-  last token embedding plus its position, so every next-token distribution is almost flat over
-  the 58101 ids (the best id has log-prob about -6, EOS about -11) and beam search never picks
-  EOS before the length limit. final_logits_bias[eos] is therefore raised by --eos-bias
-  (default EOS_BIAS below; 0 disables it) so that EOS competes. The value was chosen by running
-  --check 20 (beams 4, max_new_tokens 32, first 20 lines of scripts/bench_sentences.txt) over a
-  few values; with the default, 10 of 20 sentences end with EOS before 32 new tokens (lengths
-  see the --check output) and the rest run to the limit. --check N prints that count for the
-  first N sentences of --sentences after writing (about a second per sentence on 2 cores).
+  EOS tweak: with N(0, 0.02^2) weights the decoder barely looks at the source. Its post-LayerNorm
+  output is close to the scaled embedding of the token it was fed plus the position, so the
+  first step is almost flat over the 58101 ids (best log-prob about -9.0, EOS -11.2) and every
+  later step repeats the previous token (log-prob about -4.4 to -5.5; EOS stays near -11). With
+  final_logits_bias 0, beam search never picks EOS and all 20 check sentences run to the limit.
+  final_logits_bias[eos] is therefore raised by --eos-bias (default EOS_BIAS = 5.13; 0 disables
+  it). The value was found with torch 2.15 / transformers 5.24 at 1 thread: beams 4,
+  max_new_tokens 32, the first 20 lines of scripts/bench_sentences.txt, scanning the bias:
+      2, 3, 4, 5, 5.05   0 of 20 end early (all 32 new tokens, the last one a forced EOS)
+      5.1 / 5.12 / 5.13 / 5.15   6 / 7 / 11 / 16 of 20 (each 28 or 32 new tokens)
+      5.2 ... 5.6          20 of 20 (27 or 28);  5.8: 20 (19, 27 or 28);  6: 20 (11 to 19);
+      6.5 and up           20 of 20 after 1 token (EOS first)
+  With 5.13, 11 of the first 20 sentences (27 of all 40) pick EOS after 27 new tokens (28 with
+  EOS); the others reach 32. Because the source hardly matters, the switch is sharp: a
+  sentence's outcome can flip when its scores move by about 0.01, so compare
+  ended_with_eos_early and mean_generated_tokens with wordloom's before comparing speeds. The
+  tuning holds for beams 4 / 32 new tokens only. --check N prints the count for the first N
+  sentences of --sentences after writing (--threads 1 is much faster on a busy machine).
 
   tiny: copies tests/fixtures/tiny-marian (minus reference.json) to DIR.
 
@@ -54,12 +64,16 @@ Needs torch, transformers (>= 5), sentencepiece, safetensors. No network (HF_HUB
                      max_new_tokens=--max-new-tokens)
   with everything else from the checkpoint's generation_config.json (renormalize_logits,
   bad_words_ids, forced_eos, length_penalty 1, early_stopping false, ...), then decoded with
-  skip_special_tokens. One untimed warm-up translation of the first sentence, then every
-  sentence is timed, tokenization and decoding included. Reported: sentences/s, total seconds,
+  skip_special_tokens (ids past the tokenizer's vocab.json dropped first). One untimed warm-up
+  translation of the first sentence, then every sentence is timed, tokenization and decoding
+  included. Reported: sentences/s, total seconds,
   mean generated tokens per sentence (output length minus the decoder start token; EOS counted),
   how many ended with an EOS chosen before the limit (fewer than --max-new-tokens generated;
   sequences that reach the limit also end with EOS, forced by forced_eos_token_id), peak RSS
   (ru_maxrss), versions, threads, beams. --json prints one JSON object on stdout.
+  Time on an idle machine: with --threads equal to the core count and other processes running,
+  torch's thread barriers make every small op slow (seen: one sentence about 1.5 s at 1 thread,
+  about 30 s at 2 threads on 2 busy cores).
 """
 
 import argparse
@@ -79,7 +93,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY = REPO_ROOT / "tests" / "fixtures" / "tiny-marian"
 DEFAULT_SENTENCES = REPO_ROOT / "scripts" / "bench_sentences.txt"
 TOKENIZER_FILES = ("source.spm", "target.spm", "vocab.json", "tokenizer_config.json")
-EOS_BIAS = 5.5  # added to final_logits_bias[eos]; see the docstring
+EOS_BIAS = 5.13  # added to final_logits_bias[eos]; see the docstring
 
 OPUS = dict(
     vocab_size=58101, decoder_vocab_size=58101, d_model=512, encoder_layers=6, decoder_layers=6,
@@ -242,11 +256,15 @@ def cmd_bench(args):
     load_seconds = time.perf_counter() - t0
     eos = model.generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
+    vocab = tok.vocab_size  # len(vocab.json): 296 for the tiny-marian tokenizer files
 
     def translate(s):
         out = model.generate(**tok(s, return_tensors="pt"), num_beams=args.beams,
                              max_new_tokens=args.max_new_tokens)
-        return out, tok.decode(out[0], skip_special_tokens=True)
+        # ids past the tokenizer's vocabulary decode to nothing (transformers' MarianTokenizer
+        # would look them up in the spm model and raise)
+        ids = [i for i in out[0].tolist() if i < vocab]
+        return out, tok.decode(ids, skip_special_tokens=True)
 
     lengths, early, last_eos = [], 0, 0
     with torch.inference_mode():
