@@ -87,6 +87,33 @@ fn remote_generation_equals_local_generation() {
         assert_eq!(theirs["finish_reason"], json!("length"));
         assert_eq!(theirs["usage"]["completion_tokens"], json!(20));
     }
+    let translate = |spec: &str, extra: &[&str]| {
+        let args = [
+            &[
+                "translate",
+                "-m",
+                spec,
+                "--tgt",
+                "fr",
+                "--max-new-tokens",
+                "12",
+                "--json",
+            ],
+            extra,
+            &[PROMPT],
+        ]
+        .concat();
+        json_of(&wordloom(&args, &[]))
+    };
+    let theirs = translate("openai:tiny-llama", &["--api-base", &api]);
+    let ours = translate(model, &[]);
+    assert_eq!(theirs["method"], json!("remote-chat-prompt"));
+    assert_eq!(ours["method"], json!("chat-prompt"));
+    assert!(!ours["translations"][0]["text"].as_str().unwrap().is_empty());
+    assert_eq!(
+        theirs["translations"][0]["text"], ours["translations"][0]["text"],
+        "translate by prompt: remote vs local"
+    );
 }
 
 #[test]

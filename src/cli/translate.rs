@@ -1,8 +1,10 @@
 use anyhow::Result;
 use clap::Args;
 use wordloom::generate::beam::BeamSettings;
+use wordloom::generate::sequence::GenerationParams;
+use wordloom::remote::remote_model_name;
 use wordloom::tasks::translate::{
-    language_name, translate_by_prompt, Seq2SeqModel, Translation, Translator,
+    language_name, translate_by_prompt, translation_request, Seq2SeqModel, Translation, Translator,
 };
 use wordloom::weights::ModelSource;
 use wordloom::LoadOptions;
@@ -40,6 +42,8 @@ pub struct TranslateArgs {
     pub threads: Option<usize>,
     #[command(flatten)]
     pub input: TextArgs,
+    #[command(flatten)]
+    pub remote: super::RemoteArgs,
 }
 
 fn print(args: &TranslateArgs, method: &str, text: &str, results: &[Translation]) -> Result<()> {
@@ -104,6 +108,9 @@ fn run_encoder_decoder(
 
 pub fn run(args: TranslateArgs) -> Result<()> {
     let spec = super::model_or_default(args.model.as_deref())?;
+    if let Some(name) = remote_model_name(&spec) {
+        return run_remote(&args, name);
+    }
     let encoder_decoder = match ModelSource::resolve(&spec)? {
         ModelSource::HfDir(dir) => {
             let config = std::fs::read_to_string(dir.join("config.json")).unwrap_or_default();
@@ -164,5 +171,35 @@ pub fn run(args: TranslateArgs) -> Result<()> {
                 .collect())
         },
         |text, results| print(&args, "chat-prompt", text, &results),
+    )
+}
+
+/// Translation by a remote OpenAI-compatible chat model (`-m openai:MODEL`).
+fn run_remote(args: &TranslateArgs, name: &str) -> Result<()> {
+    let target = args.tgt.as_deref().ok_or_else(|| {
+        anyhow::anyhow!("a remote chat model translates by prompt: give --tgt LANG")
+    })?;
+    let remote = args.remote.connect(name)?;
+    let params = GenerationParams {
+        max_tokens: args.max_new_tokens.unwrap_or(256),
+        ..GenerationParams::default()
+    };
+    args.input.run(
+        1,
+        |texts| {
+            Ok(texts
+                .iter()
+                .map(|t| {
+                    let request = translation_request(t, args.src.as_deref(), target)?;
+                    let answer = remote.chat(&[request], &params, |_| {})?;
+                    Ok(vec![Translation {
+                        text: answer.text.trim().to_string(),
+                        token_ids: Vec::new(),
+                        score: None,
+                    }])
+                })
+                .collect())
+        },
+        |text, results| print(args, "remote-chat-prompt", text, &results),
     )
 }

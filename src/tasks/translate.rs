@@ -471,7 +471,22 @@ pub fn split_sentences(text: &str) -> Vec<&str> {
     out
 }
 
-/// Translate with a chat model: the instruction goes through its chat template and the
+/// The chat turn that asks a chat model for a translation (local or remote).
+pub fn translation_request(text: &str, source: Option<&str>, target: &str) -> Result<ChatMessage> {
+    if text.trim().is_empty() {
+        return Err(Error::invalid("nothing to translate: the text is empty"));
+    }
+    let from = source.map_or(String::new(), |s| format!(" from {}", language_name(s)));
+    Ok(ChatMessage::new(
+        "user",
+        format!(
+            "Translate the following text{from} into {}. Reply with the translation only.\n\n{text}",
+            language_name(target)
+        ),
+    ))
+}
+
+/// Translate with a local chat model: the request goes through its chat template and the
 /// answer is decoded greedily.
 pub fn translate_by_prompt(
     lm: &LanguageModel,
@@ -480,17 +495,8 @@ pub fn translate_by_prompt(
     target: &str,
     max_tokens: usize,
 ) -> Result<Translation> {
-    if text.trim().is_empty() {
-        return Err(Error::invalid("nothing to translate: the text is empty"));
-    }
-    let from = source.map_or(String::new(), |s| format!(" from {}", language_name(s)));
-    let instruction = format!(
-        "Translate the following text{from} into {}. Reply with the translation only.\n\n{text}",
-        language_name(target)
-    );
-    let prompt = lm
-        .tokenizer
-        .apply_chat_template(&[ChatMessage::new("user", instruction)])?;
+    let request = translation_request(text, source, target)?;
+    let prompt = lm.tokenizer.apply_chat_template(&[request])?;
     let ids = lm.tokenizer.encode(&prompt, false)?;
     let params = GenerationParams {
         max_tokens,
