@@ -348,3 +348,67 @@ fn lora_mistakes_are_named() {
         "not a LoRA adapter directory",
     );
 }
+
+#[test]
+fn finetune_reads_a_toml_config_and_the_command_line_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        "task = \"sft\"\nlr = 5e-3\nlora_targets = [\"q_proj\", \"down_proj\"]\nlora-rank = 4\nmax-steps = 2\nbatch_size = 2\n",
+    )
+    .unwrap();
+    let data = dir.path().join("train.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"a b\", \"completion\": \"c d\"}\n{\"prompt\": \"e f\", \"completion\": \"g h\"}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let base = fixture("tiny-llama");
+    let (ok, _, stderr) = wordloom(&[
+        "finetune",
+        "--config",
+        config.to_str().unwrap(),
+        "-m",
+        base.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "3",
+    ]);
+    assert!(ok, "{stderr}");
+    let adapter: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(adapter["r"], 4);
+    assert_eq!(
+        adapter["target_modules"],
+        serde_json::json!(["down_proj", "q_proj"])
+    );
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(
+        metrics.lines().count(),
+        3,
+        "--max-steps 3 on the command line beats the file's 2"
+    );
+    assert!(
+        metrics.lines().next().unwrap().contains("\"lr\":0.005"),
+        "{metrics}"
+    );
+    std::fs::write(&config, "lr = [1, {a = 2}]\n").unwrap();
+    assert_fails_with(
+        &[
+            "finetune",
+            "--config",
+            config.to_str().unwrap(),
+            "--data",
+            "x",
+            "--out",
+            "y",
+        ],
+        "has an unsupported value",
+    );
+}

@@ -26,9 +26,12 @@ pub enum ScheduleArg {
 }
 
 #[derive(Args)]
+// A later option replaces an earlier one (so the command line overrides `--config`).
+#[command(args_override_self = true)]
 pub struct FinetuneArgs {
+    /// What to train (also accepted from --config).
     #[arg(long, value_enum)]
-    pub task: FinetuneTask,
+    pub task: Option<FinetuneTask>,
     /// Base model: a decoder (HF directory, .gguf file or hub id; default SmolLM2-135M-Instruct)
     /// for sft, an HF encoder directory or hub id for classify.
     #[arg(short, long)]
@@ -107,6 +110,52 @@ pub struct FinetuneArgs {
     pub skip_errors: bool,
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Read options from a TOML file (`lr = 2e-4`, `lora-targets = ["q_proj", "v_proj"]`, any
+    /// long option name with - or _); options on the command line win.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+/// The command line with a `--config` file's options put first, so the real ones override them.
+pub fn with_config_file(config: &std::path::Path, argv: Vec<String>) -> Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{}: not valid TOML", config.display()))?;
+    let mut options = Vec::new();
+    for (key, value) in table {
+        let flag = format!("--{}", key.replace('_', "-"));
+        anyhow::ensure!(
+            key != "config",
+            "{}: `config` cannot name another file",
+            config.display()
+        );
+        let text = |v: &toml::Value| -> Result<String> {
+            Ok(match v {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                other => anyhow::bail!(
+                    "{}: `{key}` has an unsupported value {other:?}",
+                    config.display()
+                ),
+            })
+        };
+        match &value {
+            toml::Value::Boolean(true) => options.push(flag),
+            toml::Value::Boolean(false) => {}
+            toml::Value::Array(items) => {
+                let items: Vec<String> = items.iter().map(text).collect::<Result<_>>()?;
+                options.extend([flag, items.join(",")]);
+            }
+            v => options.extend([flag, text(v)?]),
+        }
+    }
+    // argv: program, "finetune", the rest.
+    let mut out: Vec<String> = argv.iter().take(2).cloned().collect();
+    out.extend(options);
+    out.extend(argv.into_iter().skip(2));
+    Ok(out)
 }
 
 fn split<T>(mut examples: Vec<T>, fraction: f64, seed: u64) -> Result<(Vec<T>, Vec<T>)> {
@@ -141,7 +190,10 @@ fn datasets<T>(
 }
 
 pub fn run(args: FinetuneArgs) -> Result<()> {
-    let sft = args.task == FinetuneTask::Sft;
+    let task = args
+        .task
+        .context("give --task sft (LoRA instruction tuning) or --task classify")?;
+    let sft = task == FinetuneTask::Sft;
     let options = TrainOptions {
         epochs: args.epochs,
         max_steps: args.max_steps,
@@ -160,7 +212,7 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         save_every: args.save_every,
         eval_every: args.eval_every,
     };
-    match args.task {
+    match task {
         FinetuneTask::Sft => run_sft(&args, &options),
         FinetuneTask::Classify => run_classify(&args, &options),
     }

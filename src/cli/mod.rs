@@ -203,7 +203,16 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Chat(args) => with_threads(args.model.threads, || chat::run(args)),
         Command::Perplexity(args) => with_threads(args.model.threads, || perplexity::run(args)),
         Command::Bench(args) => with_threads(args.model.threads, || bench::run(args)),
-        Command::Finetune(args) => finetune::run(args),
+        Command::Finetune(args) => match &args.config {
+            Some(config) => {
+                let argv = finetune::with_config_file(config, std::env::args().collect())?;
+                let Command::Finetune(merged) = Cli::try_parse_from(argv)?.command else {
+                    unreachable!("the same subcommand");
+                };
+                finetune::run(merged)
+            }
+            None => finetune::run(args),
+        },
         Command::Embed(args) => with_threads(args.model.threads, || embed::run(args)),
         Command::Classify(args) => with_threads(args.model.threads, || classify::run(args)),
         Command::Ner(args) => with_threads(args.model.threads, || ner::run(args)),
