@@ -159,18 +159,26 @@ pub fn run(args: TranslateArgs) -> Result<()> {
         );
     }
     let max_tokens = args.max_new_tokens.unwrap_or(256);
+    run_by_prompt(&args, "chat-prompt", |t| {
+        translate_by_prompt(&lm, t, args.src.as_deref(), target, max_tokens)
+    })
+}
+
+/// Each input translated on its own by `translate` (a chat model), printed as it comes.
+fn run_by_prompt(
+    args: &TranslateArgs,
+    method: &str,
+    translate: impl Fn(&str) -> wordloom::Result<Translation>,
+) -> Result<()> {
     args.input.run(
         1,
         |texts| {
             Ok(texts
                 .iter()
-                .map(|t| {
-                    translate_by_prompt(&lm, t, args.src.as_deref(), target, max_tokens)
-                        .map(|r| vec![r])
-                })
+                .map(|t| translate(t).map(|r| vec![r]))
                 .collect())
         },
-        |text, results| print(&args, "chat-prompt", text, &results),
+        |text, results| print(args, method, text, &results),
     )
 }
 
@@ -184,22 +192,13 @@ fn run_remote(args: &TranslateArgs, name: &str) -> Result<()> {
         max_tokens: args.max_new_tokens.unwrap_or(256),
         ..GenerationParams::default()
     };
-    args.input.run(
-        1,
-        |texts| {
-            Ok(texts
-                .iter()
-                .map(|t| {
-                    let request = translation_request(t, args.src.as_deref(), target)?;
-                    let answer = remote.chat(&[request], &params, |_| {})?;
-                    Ok(vec![Translation {
-                        text: answer.text.trim().to_string(),
-                        token_ids: Vec::new(),
-                        score: None,
-                    }])
-                })
-                .collect())
-        },
-        |text, results| print(args, "remote-chat-prompt", text, &results),
-    )
+    run_by_prompt(args, "remote-chat-prompt", |t| {
+        let request = translation_request(t, args.src.as_deref(), target)?;
+        let answer = remote.chat(&[request], &params, |_| {})?;
+        Ok(Translation {
+            text: answer.text.trim().to_string(),
+            token_ids: Vec::new(),
+            score: None,
+        })
+    })
 }

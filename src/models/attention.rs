@@ -394,6 +394,39 @@ fn causal_mask(
     Ok(Tensor::from_vec(mask, (t, total), device)?.to_dtype(dtype)?)
 }
 
+/// (t, heads·head_dim) -> (heads, t, head_dim), contiguous.
+pub fn split_heads(x: &Tensor, heads: usize, head_dim: usize) -> Result<Tensor> {
+    let t = x.dim(0)?;
+    Ok(x.reshape((t, heads, head_dim))?
+        .transpose(0, 1)?
+        .contiguous()?)
+}
+
+/// Unmasked attention of `q` (heads, t, head_dim) over `keys`/`values` (heads, s, head_dim):
+/// softmax(scale·q·kᵀ + bias)·v with an optional additive `bias` (heads, t, s), merged back to
+/// (t, heads·head_dim). Encoder self-attention, cross-attention, one decoder position.
+pub fn full_attention(
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    scale: f64,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (heads, t, head_dim) = q.dims3()?;
+    let mut scores = q.matmul(&keys.t()?)?;
+    if scale != 1.0 {
+        scores = (scores * scale)?;
+    }
+    if let Some(bias) = bias {
+        scores = (scores + bias)?;
+    }
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    Ok(probs
+        .matmul(&values.contiguous()?)?
+        .transpose(0, 1)?
+        .reshape((t, heads * head_dim))?)
+}
+
 /// Log-softmax over the last dimension, computed in f32.
 pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
     let logits = logits.to_dtype(DType::F32)?;

@@ -9,7 +9,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::attention::{batch_attention, AttentionShape};
+use super::attention::{batch_attention, full_attention, split_heads, AttentionShape};
 use super::kv_cache::KvCache;
 use super::layers::{Activation, LayerNorm};
 use super::{EncoderMemory, LogitsWanted, SeqInput};
@@ -85,24 +85,15 @@ impl Attention {
 
     /// (t, d) -> (heads, t, head_dim)
     fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
-        let t = x.dim(0)?;
-        Ok(x.reshape((t, self.heads, self.head_dim))?
-            .transpose(0, 1)?
-            .contiguous()?)
+        split_heads(x, self.heads, self.head_dim)
     }
 
     /// Queries (n, d) attending over all of `keys`/`values` (heads, s, head_dim): no mask.
     fn attend(&self, queries: &Tensor, keys: &Tensor, values: &Tensor) -> Result<Tensor> {
-        let n = queries.dim(0)?;
         let q = self.split_heads(&self.q_proj.forward(queries)?)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&keys.t()?)? * scale)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs
-            .matmul(values)?
-            .transpose(0, 1)?
-            .reshape((n, self.heads * self.head_dim))?;
-        self.out_proj.forward(&out)
+        self.out_proj
+            .forward(&full_attention(&q, keys, values, scale, None)?)
     }
 
     /// Keys and values of `x` (t, d), each (heads, t, head_dim).

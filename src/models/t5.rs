@@ -6,6 +6,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use super::attention::{full_attention, split_heads};
 use super::kv_cache::KvCache;
 use super::layers::Activation;
 use super::EncoderMemory;
@@ -89,6 +90,25 @@ fn relative_bucket(
     bucket as usize
 }
 
+/// T5's bias-free linear layer `prefix.name`.
+fn linear(
+    w: &WeightStore,
+    prefix: &str,
+    name: &str,
+    inp: usize,
+    out: usize,
+    device: &Device,
+) -> Result<Linear> {
+    w.linear(
+        &format!("{prefix}.{name}"),
+        inp,
+        out,
+        false,
+        DType::F32,
+        device,
+    )
+}
+
 /// Scale-only RMS norm (no mean subtraction, no bias), in f32.
 struct T5LayerNorm {
     weight: Tensor,
@@ -128,16 +148,7 @@ impl Attention {
         device: &Device,
     ) -> Result<Self> {
         let inner = cfg.num_heads * cfg.d_kv;
-        let lin = |name: &str, inp: usize, out: usize| {
-            w.linear(
-                &format!("{prefix}.{name}"),
-                inp,
-                out,
-                false,
-                DType::F32,
-                device,
-            )
-        };
+        let lin = |name: &str, inp: usize, out: usize| linear(w, prefix, name, inp, out, device);
         Ok(Attention {
             q: lin("q", cfg.d_model, inner)?,
             k: lin("k", cfg.d_model, inner)?,
@@ -160,13 +171,11 @@ impl Attention {
 
     /// (t, heads·d_kv) -> (heads, t, d_kv)
     fn split(&self, x: &Tensor) -> Result<Tensor> {
-        let t = x.dim(0)?;
-        Ok(x.reshape((t, self.heads, self.d_kv))?
-            .transpose(0, 1)?
-            .contiguous()?)
+        split_heads(x, self.heads, self.d_kv)
     }
 
     /// Queries (t, d) over keys/values (heads, s, d_kv), plus `bias` (heads, t, s) if any.
+    /// T5 does not scale the scores.
     fn attend(
         &self,
         x: &Tensor,
@@ -174,19 +183,9 @@ impl Attention {
         values: &Tensor,
         bias: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let t = x.dim(0)?;
         let q = self.split(&self.q.forward(x)?)?;
-        let scores = q.matmul(&keys.t()?)?; // T5 does not scale
-        let scores = match bias {
-            Some(b) => (scores + b)?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs
-            .matmul(values)?
-            .transpose(0, 1)?
-            .reshape((t, self.heads * self.d_kv))?;
-        self.o.forward(&out)
+        self.o
+            .forward(&full_attention(&q, keys, values, 1.0, bias)?)
     }
 
     fn keys_values(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -224,16 +223,7 @@ impl FeedForward {
         } else {
             act
         };
-        let lin = |name: &str, inp: usize, out: usize| {
-            w.linear(
-                &format!("{prefix}.{name}"),
-                inp,
-                out,
-                false,
-                DType::F32,
-                device,
-            )
-        };
+        let lin = |name: &str, inp: usize, out: usize| linear(w, prefix, name, inp, out, device);
         let wi = if gated {
             vec![
                 lin("wi_0", cfg.d_model, cfg.d_ff)?,
@@ -476,14 +466,7 @@ impl T5 {
                     &attn.split(&v_all.narrow(0, i, 1)?)?,
                 )?;
                 let q = attn.split(&q_all.narrow(0, i, 1)?)?;
-                let scores = (q.matmul(&keys.t()?)? + &bias)?;
-                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-                rows.push(
-                    probs
-                        .matmul(&values.contiguous()?)?
-                        .transpose(0, 1)?
-                        .reshape((1, attn.heads * attn.d_kv))?,
-                );
+                rows.push(full_attention(&q, &keys, &values, 1.0, Some(&bias))?);
             }
             x = (&x + attn.o.forward(&Tensor::cat(&rows, 0)?)?)?;
             let (keys, values) = &memory.layers[index];

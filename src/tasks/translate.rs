@@ -441,10 +441,6 @@ impl Translator {
             })
             .collect()
     }
-
-    pub fn path(&self) -> &Path {
-        &self.dir
-    }
 }
 
 /// Sentences of `text`: split after `.`, `!`, `?` (and their CJK forms) followed by whitespace.

@@ -411,10 +411,6 @@ impl PieceVocabTokenizer {
             .copied()
     }
 
-    pub fn vocab_size(&self) -> usize {
-        self.tokens.len()
-    }
-
     /// Source pieces of `text` (what `tokenizer.tokenize` shows in Python). A leading target
     /// language code `>>xx<<` of multilingual opus-mt models is one token of its own.
     pub fn pieces(&self, text: &str) -> Result<Vec<String>> {

@@ -320,10 +320,6 @@ impl SftTask {
         &self.lora
     }
 
-    pub fn model(&self) -> &LanguageModel {
-        &self.model
-    }
-
     /// Training and held-out example counts after tokenizing.
     pub fn sizes(&self) -> (usize, usize) {
         (self.train.len(), self.eval.len())

@@ -248,10 +248,6 @@ impl Lora {
         Self::with_parameters(config, Arc::new(params), true)
     }
 
-    pub fn config(&self) -> &LoraConfig {
-        &self.config
-    }
-
     pub fn parameters(&self) -> &Arc<Parameters> {
         &self.params
     }
