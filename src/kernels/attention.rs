@@ -72,7 +72,7 @@ pub fn bidirectional_attention(
 }
 
 /// Dot product in 8 independent lanes, so the compiler can keep it in vector registers.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (ac, ar) = a.split_at(a.len() / 8 * 8);
     let (bc, br) = b.split_at(ac.len());

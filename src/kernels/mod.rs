@@ -18,25 +18,29 @@
 //! so that `Σ w·x = d·d_x·Σ u·q_x + m·(d_x·Σ q_x)`, which maps directly onto the
 //! `vpdpbusd` (u8 × i8) instruction.
 //!
+//! # Layout
+//! Weights are interleaved once at load ([`QuantTensor::from_gguf`]): rows in groups of 16, and
+//! for each group and block one chunk of `16 × block_bytes` bytes (the GGUF size, nothing
+//! added): the quant bytes as `n` 64-byte lines, line `j` holding bytes `4j..4j+4` of each of
+//! the 16 rows (one row per 32-bit lane), then the 16 scales `d` (f16), then for Q4_1 the 16
+//! mins (f16). Q8_0 bytes are stored as `u = q ^ 0x80`. Q4 line `j` carries elements
+//! `4j..4j+4` in its low nibbles and `16+4j..` in its high ones. So one `vpdpbusd` with four
+//! broadcast activation bytes advances 16 rows at once, the scales are one `vcvtph2ps`, and a
+//! group's weights are one sequential stream.
+//!
 //! # Paths (AVX-512 VNNI)
-//! * `m <= SMALL_M` (= 1, decode): row-streaming kernel reading the GGUF blocks in place with
-//!   software prefetch; Q4 rows are processed 4 at a time (one row per 128-bit lane, so one
-//!   `vpdpbusd` pair covers 4 rows × 32 elements and the scales are applied as 16-lane
-//!   vectors); Q8_0 one row at a time on 256-bit vectors.  Memory-bound (~23 GB/s per core when
-//!   the weights are in cache).
-//! * `m > SMALL_M` (prefill): each task repacks a panel of 32 weight rows (gathers) into a
-//!   VNNI-friendly interleaved layout (16 rows × 4 bytes per 512-bit register, per-block scales
-//!   and mins as f32 vectors) and runs a register-blocked 6×32 int8 micro-kernel over all
-//!   activation rows (~12 instructions per 512 MACs).  Already faster than the streaming
-//!   kernel at m = 2 (in cache).
+//! * `m <= SMALL_M` (decode): the group-streaming kernel above, 16 rows × up to 4 activation rows
+//!   per pass over a group.
+//! * `m > SMALL_M` (prefill): each task unpacks a panel of 32 weight rows (two groups) to one
+//!   byte per weight with f32 scales and runs a register-blocked 6×32 int8 micro-kernel over all
+//!   activation rows (~12 instructions per 512 MACs).
 //!
-//! Without AVX-512 VNNI but with AVX2+FMA+F16C, a `maddubs` row-streaming kernel serves all m;
-//! otherwise portable scalar code.  `WORDLOOM_KERNELS_AVX2=1` / `WORDLOOM_KERNELS_SCALAR=1`
-//! force the lower paths (testing).
+//! Without AVX-512 VNNI but with AVX2+FMA+F16C, the group-streaming kernel on 256-bit halves
+//! (`maddubs`) serves all m; otherwise portable scalar code.  `WORDLOOM_KERNELS_AVX2=1` /
+//! `WORDLOOM_KERNELS_SCALAR=1` force the lower paths (testing).
 //!
-//! Threading: rayon's current pool, contiguous chunks of weight rows (multiples of the panel
-//! height), at most 4 per thread and none under ~48 KB of weights, so small matrices run on the
-//! calling thread.
+//! Threading: contiguous chunks of weight rows (multiples of the panel height), at most 4 per
+//! thread and none under ~48 KB of weights, so small matrices run on the calling thread.
 
 #![allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 
@@ -81,42 +85,124 @@ impl QuantKind {
     }
 }
 
-/// A row-major quantized matrix view over GGUF bytes (e.g. an mmap): `rows × cols`, each row =
-/// `cols / block_elems` consecutive blocks (ggml layout; `rows` = out_features).
+/// Rows per interleaved group (see the module docs).
+pub const GROUP: usize = 16;
+
+/// A quantized `rows × cols` matrix (`rows` = out_features) in the interleaved layout of the
+/// module docs, borrowed.
 #[derive(Clone, Copy, Debug)]
 pub struct QuantMatrix<'a> {
     pub kind: QuantKind,
     pub rows: usize,
     pub cols: usize,
+    /// `rows.div_ceil(16)` groups × `cols / 32` chunks of `16 × block_bytes`.
     pub data: &'a [u8],
 }
 
-impl<'a> QuantMatrix<'a> {
-    pub fn new(kind: QuantKind, rows: usize, cols: usize, data: &'a [u8]) -> Self {
+impl QuantMatrix<'_> {
+    #[inline]
+    pub fn row_bytes(&self) -> usize {
+        self.kind.row_bytes(self.cols)
+    }
+    /// Bytes of one group-block chunk.
+    #[inline]
+    pub(crate) fn chunk_bytes(&self) -> usize {
+        GROUP * self.kind.block_bytes()
+    }
+    /// Offset of the scales inside a chunk (after the quant lines).
+    #[inline]
+    pub(crate) fn scales_offset(&self) -> usize {
+        quant_lines(self.kind) * 64
+    }
+}
+
+/// 64-byte lines of quant bytes per chunk: 16 rows × 16 (Q4) or 32 (Q8) bytes.
+#[inline]
+pub(crate) const fn quant_lines(kind: QuantKind) -> usize {
+    match kind {
+        QuantKind::Q8_0 => 8,
+        _ => 4,
+    }
+}
+
+/// An owned quantized matrix in the interleaved layout.
+#[derive(Debug)]
+pub struct QuantTensor {
+    kind: QuantKind,
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+}
+
+impl QuantTensor {
+    /// Interleave a matrix stored as GGUF does (`rows` rows of `cols / 32` consecutive blocks).
+    pub fn from_gguf(kind: QuantKind, rows: usize, cols: usize, gguf: &[u8]) -> Self {
         assert_eq!(
             cols % kind.block_elems(),
             0,
             "cols must be a multiple of the block size"
         );
-        assert!(
-            data.len() >= rows * kind.row_bytes(cols),
-            "quantized data too short"
-        );
-        QuantMatrix {
+        let rb = kind.row_bytes(cols);
+        assert!(gguf.len() >= rows * rb, "quantized data too short");
+        let (nb, bb) = (cols / 32, kind.block_bytes());
+        let chunk = GROUP * bb;
+        let group_bytes = nb * chunk;
+        let mut data = vec![0u8; rows.div_ceil(GROUP) * group_bytes];
+        let (qs, lines) = match kind {
+            QuantKind::Q4_1 => (4, 4),
+            QuantKind::Q4_0 => (2, 4),
+            QuantKind::Q8_0 => (2, 8),
+        };
+        let flip = if kind == QuantKind::Q8_0 { 0x80 } else { 0 };
+        let fill = |g: usize, out: &mut [u8]| {
+            for r in 0..GROUP.min(rows - g * GROUP) {
+                let row = &gguf[(g * GROUP + r) * rb..][..rb];
+                for b in 0..nb {
+                    let blk = &row[b * bb..][..bb];
+                    let c = &mut out[b * chunk..][..chunk];
+                    for j in 0..lines {
+                        for t in 0..4 {
+                            c[j * 64 + r * 4 + t] = blk[qs + 4 * j + t] ^ flip;
+                        }
+                    }
+                    let scales = lines * 64;
+                    c[scales + 2 * r..][..2].copy_from_slice(&blk[..2]);
+                    if kind == QuantKind::Q4_1 {
+                        c[scales + 32 + 2 * r..][..2].copy_from_slice(&blk[2..4]);
+                    }
+                }
+            }
+        };
+        use rayon::prelude::*;
+        data.par_chunks_mut(group_bytes)
+            .enumerate()
+            .with_min_len(8)
+            .for_each(|(g, out)| fill(g, out));
+        QuantTensor {
             kind,
             rows,
             cols,
             data,
         }
     }
-    #[inline]
-    pub fn row_bytes(&self) -> usize {
-        self.kind.row_bytes(self.cols)
+
+    pub fn matrix(&self) -> QuantMatrix<'_> {
+        QuantMatrix {
+            kind: self.kind,
+            rows: self.rows,
+            cols: self.cols,
+            data: &self.data,
+        }
     }
-    #[inline]
-    fn row_data(&self, row: usize) -> &'a [u8] {
-        let rb = self.row_bytes();
-        &self.data[row * rb..(row + 1) * rb]
+
+    pub fn kind(&self) -> QuantKind {
+        self.kind
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
     }
 }
 
@@ -337,6 +423,13 @@ fn par_ranges(
     }
 }
 
+/// `f(start, end)` over contiguous chunks of `0..n` on the spinning kernel pool (as the decode
+/// matmuls), for per-token work between them; `work_per_item` in the same units as `par_ranges`
+/// (≈ bytes touched) keeps small jobs on the calling thread.
+pub(crate) fn parallel_chunks(n: usize, work_per_item: usize, f: impl Fn(usize, usize) + Sync) {
+    par_ranges(n, 1, work_per_item, true, f)
+}
+
 /// `out (m × rows, row-major) = x (m × cols, row-major) · Wᵀ`.
 ///
 /// Parallelised with rayon's current pool in coarse chunks of weight rows.
@@ -358,7 +451,10 @@ pub fn quant_matmul_forced(
     assert_eq!(cols % 32, 0);
     assert!(x.len() >= m * cols, "x too short");
     assert!(out.len() >= m * rows, "out too short");
-    assert!(w.data.len() >= rows * w.row_bytes(), "weights too short");
+    assert!(
+        w.data.len() >= rows.div_ceil(GROUP) * GROUP * w.row_bytes(),
+        "weights too short"
+    );
     if m == 0 || rows == 0 {
         return;
     }
@@ -480,11 +576,29 @@ pub fn quant_matmul_precise(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32
     }
 }
 
-/// Dequantize one row (for embedding lookups) into `out` (`cols` elements).
+/// Dequantize one row (for embedding lookups) into `out` (`cols` elements), with exactly
+/// ggml's arithmetic.
 pub fn dequantize_row(w: &QuantMatrix, row: usize, out: &mut [f32]) {
     assert!(row < w.rows, "row out of range");
     assert!(out.len() >= w.cols, "out too short");
-    scalar::dequantize_row_bytes(w.kind, w.row_data(row), &mut out[..w.cols]);
+    let mut u = [0u8; 32];
+    for (b, o) in out[..w.cols].chunks_exact_mut(32).enumerate() {
+        let (d, m) = scalar::block_of(w, row, b, &mut u);
+        match w.kind {
+            QuantKind::Q4_0 => o
+                .iter_mut()
+                .zip(&u)
+                .for_each(|(o, &q)| *o = (q as i32 - 8) as f32 * d),
+            QuantKind::Q4_1 => o
+                .iter_mut()
+                .zip(&u)
+                .for_each(|(o, &q)| *o = q as f32 * d + m),
+            QuantKind::Q8_0 => o
+                .iter_mut()
+                .zip(&u)
+                .for_each(|(o, &q)| *o = (q ^ 0x80) as i8 as f32 * d),
+        }
+    }
 }
 
 /// Reference implementations (exposed for tests and benchmarks).

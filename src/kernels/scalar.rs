@@ -1,6 +1,6 @@
 //! Portable scalar kernels: block (de)quantization and the fallback matmul.
 
-use super::{QuantKind, QuantMatrix, QuantizedActs};
+use super::{quant_lines, QuantKind, QuantMatrix, QuantizedActs, GROUP};
 use half::f16;
 
 #[inline]
@@ -8,70 +8,33 @@ pub(crate) fn f16_at(b: &[u8], off: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[off], b[off + 1]])).to_f32()
 }
 
-/// Unpack one block into the unified form `w = u·d + m` (see the module docs).
+/// Block `b` of row `row` of an interleaved matrix in the unified form `w = u·d + m` (see the
+/// module docs): the 32 unsigned quant values into `u`, and `(d, m)`.
 #[inline]
-pub(crate) fn unpack_block(kind: QuantKind, blk: &[u8], u: &mut [u8; 32]) -> (f32, f32) {
-    match kind {
-        QuantKind::Q4_0 => {
-            let d = f16_at(blk, 0);
-            for j in 0..16 {
-                let q = blk[2 + j];
-                u[j] = q & 0x0f;
-                u[j + 16] = q >> 4;
-            }
-            (d, -8.0 * d)
-        }
-        QuantKind::Q4_1 => {
-            let d = f16_at(blk, 0);
-            let m = f16_at(blk, 2);
-            for j in 0..16 {
-                let q = blk[4 + j];
-                u[j] = q & 0x0f;
-                u[j + 16] = q >> 4;
-            }
-            (d, m)
-        }
-        QuantKind::Q8_0 => {
-            let d = f16_at(blk, 0);
-            for j in 0..32 {
-                u[j] = blk[2 + j] ^ 0x80;
-            }
-            (d, -128.0 * d)
-        }
-    }
-}
-
-/// Dequantize the blocks of one row (exactly ggml's semantics).
-pub(crate) fn dequantize_row_bytes(kind: QuantKind, row: &[u8], out: &mut [f32]) {
-    let bb = kind.block_bytes();
-    for (b, o) in out.chunks_exact_mut(32).enumerate() {
-        let blk = &row[b * bb..(b + 1) * bb];
-        match kind {
-            QuantKind::Q4_0 => {
-                let d = f16_at(blk, 0);
-                for j in 0..16 {
-                    let q = blk[2 + j];
-                    o[j] = ((q & 0x0f) as i32 - 8) as f32 * d;
-                    o[j + 16] = ((q >> 4) as i32 - 8) as f32 * d;
-                }
-            }
-            QuantKind::Q4_1 => {
-                let d = f16_at(blk, 0);
-                let m = f16_at(blk, 2);
-                for j in 0..16 {
-                    let q = blk[4 + j];
-                    o[j] = (q & 0x0f) as f32 * d + m;
-                    o[j + 16] = (q >> 4) as f32 * d + m;
-                }
-            }
-            QuantKind::Q8_0 => {
-                let d = f16_at(blk, 0);
-                for j in 0..32 {
-                    o[j] = blk[2 + j] as i8 as f32 * d;
-                }
+pub(crate) fn block_of(w: &QuantMatrix, row: usize, b: usize, u: &mut [u8; 32]) -> (f32, f32) {
+    let nb = w.cols / 32;
+    let chunk = &w.data[((row / GROUP) * nb + b) * w.chunk_bytes()..][..w.chunk_bytes()];
+    let lane = row % GROUP;
+    let lines = quant_lines(w.kind);
+    for j in 0..lines {
+        let bytes = &chunk[j * 64 + lane * 4..][..4];
+        for t in 0..4 {
+            if w.kind == QuantKind::Q8_0 {
+                u[4 * j + t] = bytes[t];
+            } else {
+                u[4 * j + t] = bytes[t] & 0x0f;
+                u[16 + 4 * j + t] = bytes[t] >> 4;
             }
         }
     }
+    let scales = w.scales_offset();
+    let d = f16_at(chunk, scales + 2 * lane);
+    let m = match w.kind {
+        QuantKind::Q4_0 => -8.0 * d,
+        QuantKind::Q4_1 => f16_at(chunk, scales + 32 + 2 * lane),
+        QuantKind::Q8_0 => -128.0 * d,
+    };
+    (d, m)
 }
 
 /// Quantize 32 values into one block appended to `out` (ggml's reference rounding).
@@ -137,15 +100,12 @@ pub(crate) fn gemv_scalar(
 fn gemv_body(w: &QuantMatrix, acts: &QuantizedActs, m: usize, r0: usize, r1: usize, out: *mut f32) {
     let nb = acts.nb;
     let cols = acts.cols;
-    let bb = w.kind.block_bytes();
-    let rb = w.row_bytes();
     let mut u = [0u8; 32];
     let mut acc = vec![0.0f32; m];
     for r in r0..r1 {
-        let row = &w.data[r * rb..(r + 1) * rb];
         acc.iter_mut().for_each(|a| *a = 0.0);
         for b in 0..nb {
-            let (d, mn) = unpack_block(w.kind, &row[b * bb..(b + 1) * bb], &mut u);
+            let (d, mn) = block_of(w, r, b, &mut u);
             for i in 0..m {
                 let xq = &acts.q[i * cols + b * 32..i * cols + b * 32 + 32];
                 let mut s = 0i32;

@@ -31,7 +31,6 @@ const KINDS: [QuantKind; 3] = [QuantKind::Q4_0, QuantKind::Q4_1, QuantKind::Q8_0
 fn tolerance(w: &QuantMatrix, wd: &[f32], x: &[f32], m: usize) -> Vec<f32> {
     let (rows, cols) = (w.rows, w.cols);
     let nb = cols / 32;
-    let bb = w.kind.block_bytes();
     let mut u = [0u8; 32];
     let mut tol = vec![0.0f32; m * rows];
     for i in 0..m {
@@ -45,8 +44,7 @@ fn tolerance(w: &QuantMatrix, wd: &[f32], x: &[f32], m: usize) -> Vec<f32> {
                 let sw: f64 = ws.iter().map(|v| v.abs() as f64).sum();
                 let sx: f64 = xs.iter().map(|v| v.abs() as f64).sum();
                 let swx: f64 = ws.iter().zip(xs).map(|(a, b)| (a * b).abs() as f64).sum();
-                let row = &w.data[r * w.row_bytes()..];
-                let (_, mn) = scalar::unpack_block(w.kind, &row[b * bb..(b + 1) * bb], &mut u);
+                let (_, mn) = scalar::block_of(w, r, b, &mut u);
                 t += sw * dx / 2.0 * 1.0001 + 1e-5 * ((mn.abs() as f64) * sx + swx);
             }
             tol[i * rows + r] = t as f32 + 1e-6;
@@ -59,7 +57,8 @@ fn check(kind: QuantKind, m: usize, rows: usize, cols: usize, seed: u64) {
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let wf = rng.vec(rows * cols, 0.5);
     let bytes = quantize(kind, &wf, rows, cols);
-    let w = QuantMatrix::new(kind, rows, cols, &bytes);
+    let owned = QuantTensor::from_gguf(kind, rows, cols, &bytes);
+    let w = owned.matrix();
     let x = rng.vec(m * cols, 2.0);
     let wd = dequantize(&w);
     let mut want = vec![0.0f32; m * rows];
@@ -168,7 +167,8 @@ fn nested_calls_from_rayon_tasks() {
     let (rows, cols) = (700, 576);
     let wf = Rng(3).vec(rows * cols, 0.5);
     let bytes = quantize(QuantKind::Q4_1, &wf, rows, cols);
-    let w = QuantMatrix::new(QuantKind::Q4_1, rows, cols, &bytes);
+    let owned = QuantTensor::from_gguf(QuantKind::Q4_1, rows, cols, &bytes);
+    let w = owned.matrix();
     let wd = dequantize(&w);
     (0..16usize).into_par_iter().for_each(|t| {
         let m = [1, 2, 40, 70][t % 4];
@@ -189,7 +189,8 @@ fn zero_activations_and_weights() {
     for kind in KINDS {
         let (rows, cols) = (40, 96);
         let bytes = quantize(kind, &vec![0.0; rows * cols], rows, cols);
-        let w = QuantMatrix::new(kind, rows, cols, &bytes);
+        let owned = QuantTensor::from_gguf(kind, rows, cols, &bytes);
+        let w = owned.matrix();
         for m in [1, 9] {
             let mut rng = Rng(5);
             let x = rng.vec(m * cols, 1.0);
@@ -199,7 +200,8 @@ fn zero_activations_and_weights() {
         }
         let wf = Rng(9).vec(rows * cols, 1.0);
         let bytes = quantize(kind, &wf, rows, cols);
-        let w = QuantMatrix::new(kind, rows, cols, &bytes);
+        let owned = QuantTensor::from_gguf(kind, rows, cols, &bytes);
+        let w = owned.matrix();
         for m in [1, 9] {
             let x = vec![0.0f32; m * cols];
             let mut out = vec![f32::NAN; m * rows];
@@ -221,7 +223,8 @@ fn block_semantics_match_ggml() {
     for j in 0..16u8 {
         blk.push(j | ((15 - j) << 4));
     }
-    let w = QuantMatrix::new(QuantKind::Q4_0, 1, 32, &blk);
+    let owned = QuantTensor::from_gguf(QuantKind::Q4_0, 1, 32, &blk);
+    let w = owned.matrix();
     let mut out = [0.0f32; 32];
     dequantize_row(&w, 0, &mut out);
     for j in 0..16 {
@@ -235,7 +238,8 @@ fn block_semantics_match_ggml() {
     for j in 0..16u8 {
         blk.push((j ^ 5) | (j << 4));
     }
-    let w = QuantMatrix::new(QuantKind::Q4_1, 1, 32, &blk);
+    let owned = QuantTensor::from_gguf(QuantKind::Q4_1, 1, 32, &blk);
+    let w = owned.matrix();
     dequantize_row(&w, 0, &mut out);
     for j in 0..16 {
         assert_eq!(out[j], (j ^ 5) as f32 * 0.25 - 1.0);
@@ -247,7 +251,8 @@ fn block_semantics_match_ggml() {
     for j in 0..32i32 {
         blk.push(((j * 9 - 128) as i8) as u8);
     }
-    let w = QuantMatrix::new(QuantKind::Q8_0, 1, 32, &blk);
+    let owned = QuantTensor::from_gguf(QuantKind::Q8_0, 1, 32, &blk);
+    let w = owned.matrix();
     dequantize_row(&w, 0, &mut out);
     for j in 0..32 {
         assert_eq!(out[j], ((j as i32 * 9 - 128) as i8) as f32 * 2.0);
@@ -280,7 +285,8 @@ fn extreme_values() {
                 };
             }
         }
-        let w = QuantMatrix::new(kind, rows, cols, &bytes);
+        let owned = QuantTensor::from_gguf(kind, rows, cols, &bytes);
+        let w = owned.matrix();
         let wd = dequantize(&w);
         for m in [1, 8] {
             let mut x: Vec<f32> = (0..m * cols)
@@ -320,7 +326,8 @@ fn precise_activations_match_f32_math() {
             let mut rng = Rng(97 + m as u64 + rows as u64);
             let wf = rng.vec(rows * cols, 1.0);
             let data = quantize(kind, &wf, rows, cols);
-            let w = QuantMatrix::new(kind, rows, cols, &data);
+            let owned = QuantTensor::from_gguf(kind, rows, cols, &data);
+            let w = owned.matrix();
             let wd = dequantize(&w);
             let x = rng.vec(m * cols, 1.0);
             let mut want = vec![0.0; m * rows];

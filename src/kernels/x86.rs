@@ -27,13 +27,6 @@ const fn block_bytes(k: u8) -> usize {
     }
 }
 
-const fn qs_offset(k: u8) -> usize {
-    match k {
-        KQ4_1 => 4,
-        _ => 2,
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Activation quantization
 // ---------------------------------------------------------------------------------------------
@@ -73,212 +66,187 @@ pub(crate) unsafe fn quantize_row_avx512(x: &[f32], q: &mut [i8], d: &mut [f32],
 }
 
 // ---------------------------------------------------------------------------------------------
-// Small-m (decode) path: stream weight rows in GGUF layout.
+// Small-m (decode) path: stream the interleaved groups of 16 rows.
 // ---------------------------------------------------------------------------------------------
 
-/// Unpack one block at `blk` into 32 unsigned bytes plus (d, m) of the unified form.
-#[inline(always)]
-unsafe fn unpack_block<const K: u8>(blk: *const u8) -> (__m256i, f32, f32) {
-    unsafe {
-        let u = if K == KQ8_0 {
-            let v = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-            _mm256_xor_si256(v, _mm256_set1_epi8(-128))
-        } else {
-            let v = _mm_loadu_si128(blk.add(qs_offset(K)) as *const __m128i);
-            let hi = _mm_srli_epi16(v, 4);
-            let c = _mm256_inserti128_si256(_mm256_castsi128_si256(v), hi, 1);
-            _mm256_and_si256(c, _mm256_set1_epi8(0x0f))
-        };
-        if K == KQ4_1 {
-            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const i32).read_unaligned()));
-            let d = _mm_cvtss_f32(dm);
-            let m = _mm_cvtss_f32(_mm_movehdup_ps(dm));
-            (u, d, m)
-        } else {
-            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-                (blk as *const u16).read_unaligned() as i32,
-            )));
-            let m = if K == KQ4_0 { -8.0 * d } else { -128.0 * d };
-            (u, d, m)
-        }
+/// 64-byte lines of quant bytes per chunk (16 rows × 16 or 32 bytes).
+const fn lines(k: u8) -> usize {
+    if k == KQ8_0 {
+        8
+    } else {
+        4
     }
 }
 
-#[inline(always)]
-unsafe fn hsum256(v: __m256) -> f32 {
-    unsafe {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
+/// Bytes of one group-block chunk.
+const fn chunk_bytes(k: u8) -> usize {
+    16 * block_bytes(k)
+}
+
+/// The weight-offset constant `c` of `w = d·(u + c)` (Q4_0, Q8_0).
+const fn offset_of(k: u8) -> f32 {
+    if k == KQ4_0 {
+        -8.0
+    } else {
+        -128.0
     }
 }
 
-/// Software prefetch distance (bytes) for the weight stream.
-const PREFETCH: usize = 1024;
+/// Software prefetch distance of the group stream, in bytes. Measured on SmolLM2-shaped
+/// matrices (benches/kernels.rs, 2 threads): none 15.6 GB/s, 1 KiB 20, 4 KiB ~29, 8 KiB 29.
+const PREFETCH: usize = 4096;
 
-/// Σ over 4-byte groups of `u·x` (u unsigned, x signed) into 8 i32 lanes.  Without VNNI this
-/// is `maddubs` + `madd`, exact as long as `2·u·|x| < 2^15`, i.e. for 4-bit `u`; Q8_0 uses
-/// [`unpack_q8_signed`] instead.
+/// Four activation bytes broadcast to every 32-bit lane.
 #[inline(always)]
-unsafe fn dot_u8i8<const VNNI: bool>(u: __m256i, x: __m256i) -> __m256i {
-    unsafe {
-        if VNNI {
-            _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, x)
-        } else {
-            _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1))
-        }
-    }
+unsafe fn bcast4(x: *const i8) -> __m512i {
+    unsafe { _mm512_set1_epi32((x as *const i32).read_unaligned()) }
 }
 
-/// One weight row against `MX` activation rows.
 #[inline(always)]
-unsafe fn gemv_row<const K: u8, const MX: usize, const VNNI: bool>(
-    row: *const u8,
+unsafe fn bcast4_256(x: *const i8) -> __m256i {
+    unsafe { _mm256_set1_epi32((x as *const i32).read_unaligned()) }
+}
+
+/// One group of 16 weight rows (chunks from `c0`) against `MX` activation rows: lane `r` of
+/// result `i` is row `r`'s dot product with activation row `i`.
+#[inline(always)]
+unsafe fn group16<const K: u8, const MX: usize>(
+    c0: *const u8,
     nb: usize,
     xq: [*const i8; MX],
     xd: [*const f32; MX],
     xs: [*const f32; MX],
-) -> [f32; MX] {
+) -> [__m512; MX] {
     unsafe {
-        let bb = block_bytes(K);
-        // Without VNNI, Q8_0 runs signed: |w| · sign(x, w), and no min term.
-        let signed = !VNNI && K == KQ8_0;
-        let mut acc0 = [_mm256_setzero_ps(); MX];
-        let mut acc1 = [_mm256_setzero_ps(); MX];
-        let mut macc = [0.0f32; MX];
-        let mut b = 0;
-        while b + 2 <= nb {
-            _mm_prefetch::<_MM_HINT_T0>(row.add(b * bb + PREFETCH) as *const i8);
-            let (u0, d0, m0) = unpack_block::<K>(row.add(b * bb));
-            let (u1, d1, m1) = unpack_block::<K>(row.add((b + 1) * bb));
-            let (m0, m1) = if signed { (0.0, 0.0) } else { (m0, m1) };
-            let (w0, w1) = if signed {
-                let flip = _mm256_set1_epi8(-128);
-                (_mm256_xor_si256(u0, flip), _mm256_xor_si256(u1, flip))
-            } else {
-                (u0, u1)
-            };
-            for i in 0..MX {
-                let mut x0 = _mm256_loadu_si256(xq[i].add(b * 32) as *const __m256i);
-                let mut x1 = _mm256_loadu_si256(xq[i].add(b * 32 + 32) as *const __m256i);
-                let (mut u0, mut u1) = (u0, u1);
-                if signed {
-                    x0 = _mm256_sign_epi8(x0, w0);
-                    x1 = _mm256_sign_epi8(x1, w1);
-                    u0 = _mm256_abs_epi8(w0);
-                    u1 = _mm256_abs_epi8(w1);
-                }
-                let p0 = dot_u8i8::<VNNI>(u0, x0);
-                let p1 = dot_u8i8::<VNNI>(u1, x1);
-                let s0 = d0 * *xd[i].add(b);
-                let s1 = d1 * *xd[i].add(b + 1);
-                acc0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(s0), acc0[i]);
-                acc1[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(s1), acc1[i]);
-                macc[i] += m0 * *xs[i].add(b) + m1 * *xs[i].add(b + 1);
-            }
-            b += 2;
-        }
-        if b < nb {
-            let (u0, d0, m0) = unpack_block::<K>(row.add(b * bb));
-            let m0 = if signed { 0.0 } else { m0 };
-            for i in 0..MX {
-                let mut x0 = _mm256_loadu_si256(xq[i].add(b * 32) as *const __m256i);
-                let mut u0 = u0;
-                if signed {
-                    let w0 = _mm256_xor_si256(u0, _mm256_set1_epi8(-128));
-                    x0 = _mm256_sign_epi8(x0, w0);
-                    u0 = _mm256_abs_epi8(w0);
-                }
-                let p0 = dot_u8i8::<VNNI>(u0, x0);
-                let s0 = d0 * *xd[i].add(b);
-                acc0[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(s0), acc0[i]);
-                macc[i] += m0 * *xs[i].add(b);
-            }
-        }
-        let mut res = [0.0f32; MX];
-        for i in 0..MX {
-            res[i] = hsum256(_mm256_add_ps(acc0[i], acc1[i])) + macc[i];
-        }
-        res
-    }
-}
-
-/// Four consecutive Q4 weight rows (at `base + j·rb`) against `MX` activation rows: each
-/// 128-bit lane of a zmm holds one row's 16 quant bytes, so one pair of `vpdpbusd` covers
-/// 4 rows × 32 elements and the block scales are applied as 16-lane vectors.
-#[inline(always)]
-unsafe fn gemv4_q4<const K: u8, const MX: usize>(
-    base: *const u8,
-    rb: usize,
-    nb: usize,
-    xq: [*const i8; MX],
-    xd: [*const f32; MX],
-    xs: [*const f32; MX],
-) -> [[f32; 4]; MX] {
-    unsafe {
-        let bb = block_bytes(K);
-        let qo = qs_offset(K);
+        let cb = chunk_bytes(K);
+        let so = lines(K) * 64;
         let nib = _mm512_set1_epi8(0x0f);
-        let hidx = _mm_setr_epi32(0, rb as i32, 2 * rb as i32, 3 * rb as i32);
-        // lanes 4j..4j+3 take element 2j (d of row j) / 2j+1 (m of row j) of the cvtph result.
-        let sel_d = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
-        let sel_m = _mm512_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7);
-        let zero = _mm512_setzero_si512();
         let mut acc = [_mm512_setzero_ps(); MX];
-        // The next group of 4 rows is contiguous: sweep it with prefetches, 4·bb bytes per block.
-        let next = base.wrapping_add(4 * rb * PREFETCH_GROUPS);
         for b in 0..nb {
-            let pf = next.wrapping_add(b * 4 * bb);
-            _mm_prefetch::<_MM_HINT_T0>(pf as *const i8);
-            _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64) as *const i8);
-            let p = base.add(b * bb);
-            let q01 = _mm256_inserti128_si256(
-                _mm256_castsi128_si256(_mm_loadu_si128(p.add(qo) as *const __m128i)),
-                _mm_loadu_si128(p.add(rb + qo) as *const __m128i),
-                1,
-            );
-            let q23 = _mm256_inserti128_si256(
-                _mm256_castsi128_si256(_mm_loadu_si128(p.add(2 * rb + qo) as *const __m128i)),
-                _mm_loadu_si128(p.add(3 * rb + qo) as *const __m128i),
-                1,
-            );
-            let q = _mm512_inserti64x4(_mm512_castsi256_si512(q01), q23, 1);
-            let lo = _mm512_and_si512(q, nib);
-            let hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), nib);
-            let hdr = _mm_i32gather_epi32::<1>(p as *const i32, hidx);
-            let dm = _mm512_castps256_ps512(_mm256_cvtph_ps(hdr));
-            let dz = _mm512_permutexvar_ps(sel_d, dm);
-            let mz = if K == KQ4_1 {
-                _mm512_permutexvar_ps(sel_m, dm)
+            let c = c0.add(b * cb);
+            let mut off = 0;
+            while off < cb {
+                _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(PREFETCH + off) as *const i8);
+                off += 64;
+            }
+            // Two integer chains per activation row halve the dependency on `vpdpbusd`'s latency.
+            let mut s0 = [_mm512_setzero_si512(); MX];
+            let mut s1 = [_mm512_setzero_si512(); MX];
+            if K == KQ8_0 {
+                for j in (0..8).step_by(2) {
+                    let w0 = _mm512_loadu_si512(c.add(j * 64) as *const _);
+                    let w1 = _mm512_loadu_si512(c.add(j * 64 + 64) as *const _);
+                    for i in 0..MX {
+                        let x = xq[i].add(b * 32 + 4 * j);
+                        s0[i] = _mm512_dpbusd_epi32(s0[i], w0, bcast4(x));
+                        s1[i] = _mm512_dpbusd_epi32(s1[i], w1, bcast4(x.add(4)));
+                    }
+                }
             } else {
-                _mm512_mul_ps(dz, _mm512_set1_ps(-8.0))
-            };
-            for i in 0..MX {
-                let xb = xq[i].add(b * 32);
-                let xlo = _mm512_broadcast_i32x4(_mm_loadu_si128(xb as *const __m128i));
-                let xhi = _mm512_broadcast_i32x4(_mm_loadu_si128(xb.add(16) as *const __m128i));
-                let sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xlo), hi, xhi);
-                let sc = _mm512_mul_ps(dz, _mm512_set1_ps(*xd[i].add(b)));
-                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), sc, acc[i]);
-                // Each row's term is spread over its 4 lanes, hence the exact factor 1/4.
-                acc[i] = _mm512_fmadd_ps(mz, _mm512_set1_ps(*xs[i].add(b) * 0.25), acc[i]);
+                for j in 0..4 {
+                    let w = _mm512_loadu_si512(c.add(j * 64) as *const _);
+                    let lo = _mm512_and_si512(w, nib);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nib);
+                    for i in 0..MX {
+                        let x = xq[i].add(b * 32 + 4 * j);
+                        s0[i] = _mm512_dpbusd_epi32(s0[i], lo, bcast4(x));
+                        s1[i] = _mm512_dpbusd_epi32(s1[i], hi, bcast4(x.add(16)));
+                    }
+                }
+            }
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(c.add(so) as *const __m256i));
+            if K == KQ4_1 {
+                let mn = _mm512_cvtph_ps(_mm256_loadu_si256(c.add(so + 32) as *const __m256i));
+                for i in 0..MX {
+                    let s = _mm512_cvtepi32_ps(_mm512_add_epi32(s0[i], s1[i]));
+                    let t = _mm512_mul_ps(s, _mm512_set1_ps(*xd[i].add(b)));
+                    acc[i] = _mm512_fmadd_ps(t, d, acc[i]);
+                    acc[i] = _mm512_fmadd_ps(mn, _mm512_set1_ps(*xs[i].add(b)), acc[i]);
+                }
+            } else {
+                // Σ w·x = d·(d_x·Σ u·q + c·s_x)
+                for i in 0..MX {
+                    let s = _mm512_cvtepi32_ps(_mm512_add_epi32(s0[i], s1[i]));
+                    let t = _mm512_fmadd_ps(
+                        s,
+                        _mm512_set1_ps(*xd[i].add(b)),
+                        _mm512_set1_ps(offset_of(K) * *xs[i].add(b)),
+                    );
+                    acc[i] = _mm512_fmadd_ps(t, d, acc[i]);
+                }
             }
         }
-        let mut res = [[0.0f32; 4]; MX];
-        for i in 0..MX {
-            let mut t = [0.0f32; 16];
-            _mm512_storeu_ps(t.as_mut_ptr(), acc[i]);
-            for j in 0..4 {
-                res[i][j] = (t[4 * j] + t[4 * j + 1]) + (t[4 * j + 2] + t[4 * j + 3]);
-            }
-        }
-        res
+        acc
     }
 }
 
-/// Prefetch distance of the 4-row kernel, in groups of 4 rows.
-const PREFETCH_GROUPS: usize = 1;
+/// Half `h` (rows 8h..8h+8) of a group against `MX` activation rows on 256-bit registers,
+/// without VNNI: `maddubs` + `madd`. Q8_0 runs signed (|w| · sign(x, w)) so that the i16
+/// pair sums cannot saturate; Q4's nibbles cannot.
+#[inline(always)]
+unsafe fn group8_avx2<const K: u8, const MX: usize>(
+    c0: *const u8,
+    h: usize,
+    nb: usize,
+    xq: [*const i8; MX],
+    xd: [*const f32; MX],
+    xs: [*const f32; MX],
+) -> [__m256; MX] {
+    unsafe {
+        let cb = chunk_bytes(K);
+        let so = lines(K) * 64;
+        let nib = _mm256_set1_epi8(0x0f);
+        let ones = _mm256_set1_epi16(1);
+        let dot = |u: __m256i, x: __m256i| _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), ones);
+        let mut acc = [_mm256_setzero_ps(); MX];
+        for b in 0..nb {
+            let c = c0.add(b * cb);
+            let mut s = [_mm256_setzero_si256(); MX];
+            for j in 0..lines(K) {
+                let w = _mm256_loadu_si256(c.add(j * 64 + 32 * h) as *const __m256i);
+                if K == KQ8_0 {
+                    let signed = _mm256_xor_si256(w, _mm256_set1_epi8(-128));
+                    let magnitude = _mm256_abs_epi8(signed);
+                    for i in 0..MX {
+                        let x = bcast4_256(xq[i].add(b * 32 + 4 * j));
+                        s[i] = _mm256_add_epi32(s[i], dot(magnitude, _mm256_sign_epi8(x, signed)));
+                    }
+                } else {
+                    let lo = _mm256_and_si256(w, nib);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), nib);
+                    for i in 0..MX {
+                        let x = xq[i].add(b * 32 + 4 * j);
+                        let p = _mm256_add_epi32(
+                            dot(lo, bcast4_256(x)),
+                            dot(hi, bcast4_256(x.add(16))),
+                        );
+                        s[i] = _mm256_add_epi32(s[i], p);
+                    }
+                }
+            }
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(c.add(so + 16 * h) as *const __m128i));
+            for i in 0..MX {
+                let sf = _mm256_cvtepi32_ps(s[i]);
+                let xdb = _mm256_set1_ps(*xd[i].add(b));
+                acc[i] = match K {
+                    KQ4_1 => {
+                        let mn = _mm256_cvtph_ps(_mm_loadu_si128(
+                            c.add(so + 32 + 16 * h) as *const __m128i
+                        ));
+                        let a = _mm256_fmadd_ps(_mm256_mul_ps(sf, xdb), d, acc[i]);
+                        _mm256_fmadd_ps(mn, _mm256_set1_ps(*xs[i].add(b)), a)
+                    }
+                    KQ4_0 => {
+                        let bias = _mm256_set1_ps(-8.0 * *xs[i].add(b));
+                        _mm256_fmadd_ps(_mm256_fmadd_ps(sf, xdb, bias), d, acc[i])
+                    }
+                    _ => _mm256_fmadd_ps(_mm256_mul_ps(sf, xdb), d, acc[i]),
+                };
+            }
+        }
+        acc
+    }
+}
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
 unsafe fn gemv_kind<const K: u8, const MX: usize>(
@@ -289,7 +257,19 @@ unsafe fn gemv_kind<const K: u8, const MX: usize>(
     r1: usize,
     out: *mut f32,
 ) {
-    unsafe { gemv_kind_body::<K, MX, true>(w, acts, i0, r0, r1, out) }
+    unsafe {
+        let (xq, xd, xs) = act_rows::<MX>(acts, i0);
+        let group_bytes = acts.nb * chunk_bytes(K);
+        let mut g = r0 / 16;
+        while g * 16 < r1 {
+            let acc = group16::<K, MX>(w.data.as_ptr().add(g * group_bytes), acts.nb, xq, xd, xs);
+            let mask = lane_mask(r1 - g * 16);
+            for i in 0..MX {
+                _mm512_mask_storeu_ps(out.add((i0 + i) * w.rows + g * 16), mask, acc[i]);
+            }
+            g += 1;
+        }
+    }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -301,21 +281,31 @@ unsafe fn gemv_kind_avx2<const K: u8, const MX: usize>(
     r1: usize,
     out: *mut f32,
 ) {
-    unsafe { gemv_kind_body::<K, MX, false>(w, acts, i0, r0, r1, out) }
+    unsafe {
+        let (xq, xd, xs) = act_rows::<MX>(acts, i0);
+        let group_bytes = acts.nb * chunk_bytes(K);
+        let mut r = r0;
+        while r < r1 {
+            let c0 = w.data.as_ptr().add((r / 16) * group_bytes);
+            let acc = group8_avx2::<K, MX>(c0, (r / 8) % 2, acts.nb, xq, xd, xs);
+            let valid = (r1 - r).min(8);
+            for i in 0..MX {
+                let mut t = [0f32; 8];
+                _mm256_storeu_ps(t.as_mut_ptr(), acc[i]);
+                std::ptr::copy_nonoverlapping(t.as_ptr(), out.add((i0 + i) * w.rows + r), valid);
+            }
+            r += 8;
+        }
+    }
 }
 
+/// Pointers to activation rows `i0..i0 + MX`.
 #[inline(always)]
-unsafe fn gemv_kind_body<const K: u8, const MX: usize, const VNNI: bool>(
-    w: &QuantMatrix,
+fn act_rows<const MX: usize>(
     acts: &QuantizedActs,
     i0: usize,
-    r0: usize,
-    r1: usize,
-    out: *mut f32,
-) {
-    let nb = acts.nb;
-    let cols = acts.cols;
-    let rb = w.row_bytes();
+) -> ([*const i8; MX], [*const f32; MX], [*const f32; MX]) {
+    let (cols, nb) = (acts.cols, acts.nb);
     let mut xq = [std::ptr::null::<i8>(); MX];
     let mut xd = [std::ptr::null::<f32>(); MX];
     let mut xs = [std::ptr::null::<f32>(); MX];
@@ -324,29 +314,7 @@ unsafe fn gemv_kind_body<const K: u8, const MX: usize, const VNNI: bool>(
         xd[i] = acts.d[(i0 + i) * nb..].as_ptr();
         xs[i] = acts.s[(i0 + i) * nb..].as_ptr();
     }
-    let base = w.data.as_ptr();
-    let mut r0 = r0;
-    if K != KQ8_0 && VNNI {
-        while r0 + 4 <= r1 {
-            unsafe {
-                let res = gemv4_q4::<K, MX>(base.add(r0 * rb), rb, nb, xq, xd, xs);
-                for i in 0..MX {
-                    for j in 0..4 {
-                        *out.add((i0 + i) * w.rows + r0 + j) = res[i][j];
-                    }
-                }
-            }
-            r0 += 4;
-        }
-    }
-    for r in r0..r1 {
-        unsafe {
-            let res = gemv_row::<K, MX, VNNI>(base.add(r * rb), nb, xq, xd, xs);
-            for i in 0..MX {
-                *out.add((i0 + i) * w.rows + r) = res[i];
-            }
-        }
-    }
+    (xq, xd, xs)
 }
 
 unsafe fn gemv_group<const K: u8, const VNNI: bool>(
@@ -381,8 +349,9 @@ unsafe fn gemv_group<const K: u8, const VNNI: bool>(
     }
 }
 
-/// Rows `[r0, r1)` of `out (m × rows) = x · Wᵀ`, streaming the weights in place: with AVX-512
-/// VNNI (`VNNI = true`) or with AVX2 `maddubs` for machines without it.
+/// Rows `[r0, r1)` (`r0` a multiple of 16) of `out (m × rows) = x · Wᵀ`, streaming the
+/// interleaved groups: with AVX-512 VNNI (`VNNI = true`) or with AVX2 `maddubs` for machines
+/// without it.
 ///
 /// # Safety
 /// With `VNNI`, AVX-512 F/BW/VL/VNNI, FMA and F16C must be available, otherwise AVX2, FMA and
@@ -396,6 +365,7 @@ pub(crate) unsafe fn gemv<const VNNI: bool>(
     r1: usize,
     out: *mut f32,
 ) {
+    debug_assert_eq!(r0 % 16, 0);
     unsafe {
         match kind_id(w.kind) {
             KQ4_0 => gemv_group::<KQ4_0, VNNI>(w, acts, m, r0, r1, out),
@@ -431,87 +401,53 @@ thread_local! {
     static PANEL: RefCell<Panel> = const { RefCell::new(Panel { wq: Vec::new(), dm: Vec::new() }) };
 }
 
-/// Repack rows `[p0, p0 + nvalid)` (nvalid ≤ NR) into the panel; missing rows are zero.
+/// Unpack rows `[p0, p0 + NR)` (`p0` a multiple of NR, so two interleaved groups; a group past
+/// the matrix's end is zero) into the panel: one byte per weight and f32 scales.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-unsafe fn repack_panel<const K: u8>(
-    w: &QuantMatrix,
-    p0: usize,
-    nvalid: usize,
-    nb: usize,
-    panel: &mut Panel,
-) {
-    let rb = w.row_bytes();
-    let bb = block_bytes(K);
-    let lines = nb * PANEL_BLOCK_BYTES / 64;
-    if panel.wq.len() < lines {
-        panel.wq.resize(lines, Line([0; 64]));
+unsafe fn repack_panel<const K: u8>(w: &QuantMatrix, p0: usize, nb: usize, panel: &mut Panel) {
+    let lines_needed = nb * PANEL_BLOCK_BYTES / 64;
+    if panel.wq.len() < lines_needed {
+        panel.wq.resize(lines_needed, Line([0; 64]));
     }
     if panel.dm.len() < nb * 64 {
         panel.dm.resize(nb * 64, 0.0);
     }
     let wq = panel.wq.as_mut_ptr() as *mut u8;
     let dm = panel.dm.as_mut_ptr();
-    let lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    let offs = _mm512_mullo_epi32(lane, _mm512_set1_epi32(rb as i32));
     let nib = _mm512_set1_epi8(0x0f);
+    let cb = chunk_bytes(K);
+    let so = lines(K) * 64;
+    let groups = w.rows.div_ceil(16);
     for g in 0..2 {
-        let rows_here = nvalid.saturating_sub(g * 16).min(16);
-        let mask: __mmask16 = if rows_here >= 16 {
-            0xffff
-        } else {
-            ((1u32 << rows_here) - 1) as u16
-        };
-        if mask == 0 {
-            for b in 0..nb {
-                unsafe {
+        let group = p0 / 16 + g;
+        for b in 0..nb {
+            unsafe {
+                let dst = wq.add(b * PANEL_BLOCK_BYTES + g * 64);
+                if group >= groups {
                     for k4 in 0..8 {
-                        _mm512_store_si512(
-                            wq.add(b * PANEL_BLOCK_BYTES + k4 * 128 + g * 64) as *mut _,
-                            _mm512_setzero_si512(),
-                        );
+                        _mm512_store_si512(dst.add(k4 * 128) as *mut _, _mm512_setzero_si512());
                     }
                     _mm512_storeu_ps(dm.add(b * 64 + g * 16), _mm512_setzero_ps());
                     _mm512_storeu_ps(dm.add(b * 64 + 32 + g * 16), _mm512_setzero_ps());
+                    continue;
                 }
-            }
-            continue;
-        }
-        let base = unsafe { w.data.as_ptr().add((p0 + g * 16) * rb) };
-        // The next panel (NR·rb contiguous bytes) is swept by prefetches: 16·bb bytes per step.
-        let next = w.data.as_ptr().wrapping_add((p0 + NR) * rb + g * 16 * rb);
-        for b in 0..nb {
-            let pf = next.wrapping_add(b * 16 * bb);
-            let mut off = 0;
-            while off < 16 * bb {
-                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(off) as *const i8);
-                off += 64;
-            }
-            unsafe {
-                let blk = base.add(b * bb) as *const i32;
-                let z = _mm512_setzero_si512();
-                let hdr = _mm512_mask_i32gather_epi32::<1>(z, mask, offs, blk);
-                let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(hdr));
+                let c = w.data.as_ptr().add((group * nb + b) * cb);
+                let d = _mm512_cvtph_ps(_mm256_loadu_si256(c.add(so) as *const __m256i));
                 let m = if K == KQ4_1 {
-                    _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(hdr, 16)))
-                } else if K == KQ4_0 {
-                    _mm512_mul_ps(d, _mm512_set1_ps(-8.0))
+                    _mm512_cvtph_ps(_mm256_loadu_si256(c.add(so + 32) as *const __m256i))
                 } else {
-                    _mm512_mul_ps(d, _mm512_set1_ps(-128.0))
+                    _mm512_mul_ps(d, _mm512_set1_ps(offset_of(K)))
                 };
                 _mm512_storeu_ps(dm.add(b * 64 + g * 16), d);
                 _mm512_storeu_ps(dm.add(b * 64 + 32 + g * 16), m);
-                let dst = wq.add(b * PANEL_BLOCK_BYTES + g * 64);
-                let qs = (blk as *const u8).add(qs_offset(K)) as *const i32;
                 if K == KQ8_0 {
-                    let flip = _mm512_set1_epi8(-128);
                     for k4 in 0..8 {
-                        let v = _mm512_mask_i32gather_epi32::<1>(z, mask, offs, qs.add(k4));
-                        let v = _mm512_maskz_xor_epi32(mask, v, flip);
+                        let v = _mm512_loadu_si512(c.add(k4 * 64) as *const _);
                         _mm512_store_si512(dst.add(k4 * 128) as *mut _, v);
                     }
                 } else {
                     for k4 in 0..4 {
-                        let v = _mm512_mask_i32gather_epi32::<1>(z, mask, offs, qs.add(k4));
+                        let v = _mm512_loadu_si512(c.add(k4 * 64) as *const _);
                         _mm512_store_si512(dst.add(k4 * 128) as *mut _, _mm512_and_si512(v, nib));
                         let h = _mm512_and_si512(_mm512_srli_epi32(v, 4), nib);
                         _mm512_store_si512(dst.add((k4 + 4) * 128) as *mut _, h);
@@ -592,7 +528,7 @@ unsafe fn gemm_kind<const K: u8>(
         let mut p0 = r0;
         while p0 < r1 {
             let nvalid = (r1 - p0).min(NR);
-            unsafe { repack_panel::<K>(w, p0, nvalid, nb, panel) };
+            unsafe { repack_panel::<K>(w, p0, nb, panel) };
             let mk0 = lane_mask(nvalid);
             let mk1 = lane_mask(nvalid.saturating_sub(16));
             let wq = panel.wq.as_ptr() as *const u8;

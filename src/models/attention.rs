@@ -266,21 +266,19 @@ fn decode_step_attention(
     let (ks, vs) = (key_layout.stride(), value_layout.stride());
     let (k0, v0) = (key_layout.start_offset(), value_layout.start_offset());
     let group = heads / kv_heads;
-    let mut scores = vec![0f32; total - first];
-    for h in 0..heads {
+    let outp = crate::kernels::SendPtr(out.as_mut_ptr());
+    let one_head = |h: usize| {
         let kvh = h / group;
         let qh = &q[h * head_dim..(h + 1) * head_dim];
+        let mut scores = vec![0f32; total - first];
         for (s, j) in scores.iter_mut().zip(first..total) {
             let key = &kd[k0 + kvh * ks[0] + j * ks[1]..][..head_dim];
-            *s = qh.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * shape.scale;
+            *s = crate::kernels::attention::dot(qh, key) * shape.scale;
         }
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let oh = &mut out[h * head_dim..(h + 1) * head_dim];
+        let sum = crate::kernels::activation::exp_shifted_inplace(&mut scores, max);
+        // SAFETY: head h's slice of `out` is written by this call only.
+        let oh = unsafe { std::slice::from_raw_parts_mut(outp.get().add(h * head_dim), head_dim) };
         for (p, j) in scores.iter().zip(first..total) {
             let value = &vd[v0 + kvh * vs[0] + j * vs[1]..][..head_dim];
             for (o, x) in oh.iter_mut().zip(value) {
@@ -288,7 +286,10 @@ fn decode_step_attention(
             }
         }
         oh.iter_mut().for_each(|o| *o /= sum);
-    }
+    };
+    // Bytes of keys and values read per head.
+    let per_head = (total - first) * head_dim * 8;
+    crate::kernels::parallel_chunks(heads, per_head, |h0, h1| (h0..h1).for_each(one_head));
     Ok(Tensor::from_vec(out, (1, heads * head_dim), &device)?)
 }
 

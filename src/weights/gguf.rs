@@ -32,6 +32,22 @@ impl MappedBytes {
         &self.mmap[self.start..self.start + self.len]
     }
 
+    /// Drop these bytes' pages from the process (after they were copied elsewhere). The mapping
+    /// stays valid: a later read faults the unchanged file pages back in.
+    pub fn release(&self) {
+        #[cfg(unix)]
+        // SAFETY: the mapping is private and read-only, so MADV_DONTNEED only discards clean
+        // pages that the kernel re-reads from the file on the next access; no data is lost.
+        // (An anonymous `from_bytes` mapping reads back as zeros: released only once copied.)
+        unsafe {
+            let _ = self.mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                self.start,
+                self.len,
+            );
+        }
+    }
+
     /// Bytes from memory rather than a file (tests).
     #[cfg(test)]
     pub(crate) fn from_bytes(bytes: &[u8]) -> Self {

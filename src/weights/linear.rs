@@ -8,35 +8,29 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use super::gguf::MappedBytes;
 use crate::error::Result;
 use crate::kernels::dense::{packed_matmul, PackedMatrix};
-use crate::kernels::{self, QuantKind, QuantMatrix};
+use crate::kernels::{self, QuantKind, QuantMatrix, QuantTensor};
 
-/// GGUF blocks of a type our own kernels handle, read in place from the file mapping.
+/// GGUF blocks of a type our own kernels handle, interleaved for them once at load.
 #[derive(Clone)]
-pub struct QuantWeight {
-    kind: QuantKind,
-    rows: usize,
-    cols: usize,
-    bytes: MappedBytes,
-}
+pub struct QuantWeight(Arc<QuantTensor>);
 
 impl QuantWeight {
-    pub fn new(kind: QuantKind, rows: usize, cols: usize, bytes: MappedBytes) -> Self {
+    /// Interleave the blocks of a (rows, cols) GGUF tensor; the file pages they came from are
+    /// released afterwards, so the process holds the weights once.
+    pub fn from_gguf(kind: QuantKind, rows: usize, cols: usize, bytes: &MappedBytes) -> Self {
         debug_assert_eq!(bytes.as_slice().len(), rows * kind.row_bytes(cols));
-        QuantWeight {
-            kind,
-            rows,
-            cols,
-            bytes,
-        }
+        let tensor = QuantTensor::from_gguf(kind, rows, cols, bytes.as_slice());
+        bytes.release();
+        QuantWeight(Arc::new(tensor))
     }
 
     fn matrix(&self) -> QuantMatrix<'_> {
-        QuantMatrix::new(self.kind, self.rows, self.cols, self.bytes.as_slice())
+        self.0.matrix()
     }
 
     /// x (m, cols) f32 on the CPU -> (m, rows).
     fn matmul(&self, x: &Tensor) -> Result<Tensor> {
-        cpu_matmul(x, self.cols, self.rows, |data, m, out| {
+        cpu_matmul(x, self.0.cols(), self.0.rows(), |data, m, out| {
             kernels::quant_matmul_precise(&self.matrix(), data, m, out)
         })
     }
@@ -45,19 +39,19 @@ impl QuantWeight {
     fn rows(&self, ids: &Tensor) -> Result<Tensor> {
         let ids = ids.flatten_all()?.to_vec1::<u32>()?;
         let matrix = self.matrix();
-        let mut out = vec![0f32; ids.len() * self.cols];
-        for (row, chunk) in ids.iter().zip(out.chunks_mut(self.cols)) {
-            if *row as usize >= self.rows {
+        let mut out = vec![0f32; ids.len() * self.0.cols()];
+        for (row, chunk) in ids.iter().zip(out.chunks_mut(self.0.cols())) {
+            if *row as usize >= self.0.rows() {
                 return Err(crate::Error::invalid(format!(
                     "token id {row} is outside the embedding table of {}",
-                    self.rows
+                    self.0.rows()
                 )));
             }
             kernels::dequantize_row(&matrix, *row as usize, chunk);
         }
         Ok(Tensor::from_vec(
             out,
-            (ids.len(), self.cols),
+            (ids.len(), self.0.cols()),
             &candle_core::Device::Cpu,
         )?)
     }
@@ -384,7 +378,7 @@ impl Embedding {
     pub fn hidden_size(&self) -> Result<usize> {
         Ok(match self {
             Embedding::Dense(t) => t.dim(D::Minus1)?,
-            Embedding::Quant(q) => q.cols,
+            Embedding::Quant(q) => q.0.cols(),
             Embedding::CandleQuant(q) => q.shape().dim(D::Minus1)?,
         })
     }
@@ -445,7 +439,7 @@ mod tests {
             .collect();
         for kind in [QuantKind::Q4_0, QuantKind::Q4_1, QuantKind::Q8_0] {
             let bytes = kernels::reference::quantize(kind, &values, rows, cols);
-            let weight = QuantWeight::new(kind, rows, cols, MappedBytes::from_bytes(&bytes));
+            let weight = QuantWeight::from_gguf(kind, rows, cols, &MappedBytes::from_bytes(&bytes));
             let dense = Tensor::from_vec(
                 kernels::reference::dequantize(&weight.matrix()),
                 (rows, cols),

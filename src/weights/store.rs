@@ -271,11 +271,11 @@ impl WeightStore {
             check_shape(&key, &dims, &shape)?;
             if let Some(kind) = own_kernel(ggml, device) {
                 let bytes = g.tensor_bytes(&key)?;
-                return Ok(LinearWeight::Quant(QuantWeight::new(
+                return Ok(LinearWeight::Quant(QuantWeight::from_gguf(
                     kind,
                     out_features,
                     in_features,
-                    bytes,
+                    &bytes,
                 )));
             }
             if !matches!(ggml, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
@@ -316,11 +316,11 @@ impl WeightStore {
             let (ggml, dims) = g.tensor_type(&key).map_err(|_| self.missing(name))?;
             check_shape(&key, &dims, &[vocab, hidden])?;
             if let Some(kind) = own_kernel(ggml, device) {
-                return Ok(Embedding::Quant(QuantWeight::new(
+                return Ok(Embedding::Quant(QuantWeight::from_gguf(
                     kind,
                     vocab,
                     hidden,
-                    g.tensor_bytes(&key)?,
+                    &g.tensor_bytes(&key)?,
                 )));
             }
             if !matches!(ggml, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {

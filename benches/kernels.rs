@@ -1,0 +1,62 @@
+//! Weight-streaming rate of the quantized decode kernels (one activation row), on matrices
+//! shaped like SmolLM2-135M's layers and totalling about its 92 MB, so the weights come from
+//! memory as in a real decode step:
+//! `cargo bench --bench kernels` (threads: RAYON_NUM_THREADS, default all cores).
+
+use std::time::Instant;
+use wordloom::kernels::{quant_matmul_precise, reference, QuantKind, QuantTensor};
+
+fn main() {
+    // BENCH_MB: total weight bytes per pass (default: SmolLM2's 92 MB; small = in cache).
+    let total_mb: usize = std::env::var("BENCH_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(92);
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rand = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    // One SmolLM2 layer: q, k, v, o, gate, up, down (out × in).
+    let shapes = [
+        (576, 576),
+        (192, 576),
+        (192, 576),
+        (576, 576),
+        (1536, 576),
+        (1536, 576),
+        (576, 1536),
+    ];
+    for kind in [QuantKind::Q4_1, QuantKind::Q4_0, QuantKind::Q8_0] {
+        let mut layers = Vec::new();
+        let mut bytes = 0usize;
+        while bytes < total_mb << 20 {
+            for &(rows, cols) in &shapes {
+                let w: Vec<f32> = (0..rows * cols).map(|_| rand() * 0.1).collect();
+                let q = reference::quantize(kind, &w, rows, cols);
+                bytes += q.len();
+                layers.push(QuantTensor::from_gguf(kind, rows, cols, &q));
+            }
+        }
+        let x: Vec<f32> = (0..1536).map(|_| rand()).collect();
+        let mut out = vec![0f32; 1536];
+        let mut best = f64::MAX;
+        for _ in 0..(2000 / total_mb).clamp(10, 400) {
+            let t0 = Instant::now();
+            for layer in &layers {
+                let (rows, cols) = (layer.rows(), layer.cols());
+                quant_matmul_precise(&layer.matrix(), &x[..cols], 1, &mut out[..rows]);
+            }
+            best = best.min(t0.elapsed().as_secs_f64());
+        }
+        println!(
+            "{kind:?} decode (m=1, precise): {:.1} GB/s of weights ({:.2} ms per {:.0} MB pass, {} threads)",
+            bytes as f64 / best / 1e9,
+            best * 1e3,
+            bytes as f64 / 1e6,
+            rayon::current_num_threads()
+        );
+    }
+}
