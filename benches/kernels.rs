@@ -4,7 +4,9 @@
 //! `cargo bench --bench kernels` (threads: RAYON_NUM_THREADS, default all cores).
 
 use std::time::Instant;
-use wordloom::kernels::{quant_matmul_precise, reference, QuantKind, QuantTensor};
+use wordloom::kernels::{
+    quant_matmul_forced, quant_matmul_precise, reference, QuantKind, QuantTensor,
+};
 
 fn main() {
     // BENCH_MB: total weight bytes per pass (default: SmolLM2's 92 MB; small = in cache).
@@ -40,8 +42,8 @@ fn main() {
                 layers.push(QuantTensor::from_gguf(kind, rows, cols, &q));
             }
         }
-        let x: Vec<f32> = (0..1536).map(|_| rand()).collect();
-        let mut out = vec![0f32; 1536];
+        let x: Vec<f32> = (0..32 * 1536).map(|_| rand()).collect();
+        let mut out = vec![0f32; 32 * 1536];
         let mut best = f64::MAX;
         for _ in 0..(2000 / total_mb).clamp(10, 400) {
             let t0 = Instant::now();
@@ -58,5 +60,27 @@ fn main() {
             bytes as f64 / 1e6,
             rayon::current_num_threads()
         );
+        if kind != QuantKind::Q4_1 {
+            continue;
+        }
+        // Several activation rows (batched decode in the server, the precise path's pairs):
+        // the group-streaming kernel against the panel GEMM.
+        for m in [2, 4, 8, 16, 32] {
+            let mut line = format!("  m={m:2} (plain int8):");
+            for (name, gemm) in [("streaming", false), ("panel GEMM", true)] {
+                let mut best = f64::MAX;
+                for _ in 0..(2000 / total_mb).clamp(5, 200) {
+                    let t0 = Instant::now();
+                    for layer in &layers {
+                        let (rows, cols) = (layer.rows(), layer.cols());
+                        let out = &mut out[..m * rows];
+                        quant_matmul_forced(&layer.matrix(), &x[..m * cols], m, out, Some(gemm));
+                    }
+                    best = best.min(t0.elapsed().as_secs_f64());
+                }
+                line += &format!("  {name} {:.1} GB/s", bytes as f64 / best / 1e9);
+            }
+            println!("{line}");
+        }
     }
 }

@@ -29,8 +29,8 @@
 //! group's weights are one sequential stream.
 //!
 //! # Paths (AVX-512 VNNI)
-//! * `m <= SMALL_M` (decode): the group-streaming kernel above, 16 rows × up to 4 activation rows
-//!   per pass over a group.
+//! * `m <= SMALL_M` (decode, batched decode): the group-streaming kernel above, 16 rows × up to
+//!   4 activation rows per pass over a group while it is in L1.
 //! * `m > SMALL_M` (prefill): each task unpacks a panel of 32 weight rows (two groups) to one
 //!   byte per weight with f32 scales and runs a register-blocked 6×32 int8 micro-kernel over all
 //!   activation rows (~12 instructions per 512 MACs).
@@ -355,10 +355,10 @@ pub fn kernel_path() -> &'static str {
     }
 }
 
-/// Activation-row count up to which the row-streaming (decode) kernel is used; above it the
-/// repacking GEMM kernel takes over (AVX-512 only).  Measured: the GEMM path is already faster
-/// at m = 2 for all SmolLM2 shapes with the weights in cache.
-pub const SMALL_M: usize = 1;
+/// Activation-row count up to which the group-streaming kernel is used; above it the panel GEMM
+/// takes over (AVX-512 only). Measured (benches/kernels.rs, SmolLM2 shapes, 2 threads): the
+/// streaming kernel is 1.3–1.7× faster at 2–8 rows, even at 16, slower at 32.
+pub const SMALL_M: usize = 12;
 
 thread_local! {
     static ACTS: RefCell<QuantizedActs> = RefCell::new(QuantizedActs::new());
@@ -491,9 +491,10 @@ fn quant_matmul_q8(
     let feats = features();
     let use_gemm = feats.avx512 && gemm.unwrap_or(m > SMALL_M);
     if !use_gemm {
-        // Row streaming: memory-bound for small m; cost in "bytes streamed" units.
+        // Group streaming: memory-bound for small m; cost in "bytes streamed" units. Tasks
+        // start on group boundaries: a group's 16 outputs are written by one task.
         let per_row = w.row_bytes() * (2 + m) / 3;
-        par_ranges(rows, 8, per_row, true, |r0, r1| {
+        par_ranges(rows, GROUP, per_row, true, |r0, r1| {
             #[cfg(target_arch = "x86_64")]
             if feats.avx512 {
                 // SAFETY: feature checked; the range [r0, r1) of every output row is only
@@ -553,9 +554,7 @@ pub fn quant_matmul_precise(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32
         }
         quantize_rows(stacked, 2 * m, cols, acts, true);
         product.resize(2 * m * rows, 0.0);
-        // Decode keeps the row-streaming kernel: the residual row rides along for free.
-        let gemm = if m <= SMALL_M { Some(false) } else { None };
-        quant_matmul_q8(w, acts, 2 * m, product, gemm);
+        quant_matmul_q8(w, acts, 2 * m, product, None);
         let (main, correction) = product.split_at(m * rows);
         for ((o, a), b) in out[..m * rows].iter_mut().zip(main).zip(correction) {
             *o = a + b;

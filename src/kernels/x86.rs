@@ -248,24 +248,50 @@ unsafe fn group8_avx2<const K: u8, const MX: usize>(
     }
 }
 
+/// Groups `[r0, r1)/16` against all `m` activation rows, four at a time per group while its
+/// weights are in L1, so the weights stream from memory once whatever `m`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
-unsafe fn gemv_kind<const K: u8, const MX: usize>(
+unsafe fn gemv_kind<const K: u8>(
     w: &QuantMatrix,
     acts: &QuantizedActs,
-    i0: usize,
+    m: usize,
     r0: usize,
     r1: usize,
     out: *mut f32,
 ) {
+    #[inline(always)]
+    unsafe fn quad<const K: u8, const MX: usize>(
+        c0: *const u8,
+        acts: &QuantizedActs,
+        i0: usize,
+        out: *mut f32,
+        stride: usize,
+        mask: __mmask16,
+    ) {
+        unsafe {
+            let (xq, xd, xs) = act_rows::<MX>(acts, i0);
+            let acc = group16::<K, MX>(c0, acts.nb, xq, xd, xs);
+            for i in 0..MX {
+                _mm512_mask_storeu_ps(out.add((i0 + i) * stride), mask, acc[i]);
+            }
+        }
+    }
     unsafe {
-        let (xq, xd, xs) = act_rows::<MX>(acts, i0);
         let group_bytes = acts.nb * chunk_bytes(K);
         let mut g = r0 / 16;
         while g * 16 < r1 {
-            let acc = group16::<K, MX>(w.data.as_ptr().add(g * group_bytes), acts.nb, xq, xd, xs);
+            let c0 = w.data.as_ptr().add(g * group_bytes);
             let mask = lane_mask(r1 - g * 16);
-            for i in 0..MX {
-                _mm512_mask_storeu_ps(out.add((i0 + i) * w.rows + g * 16), mask, acc[i]);
+            let o = out.add(g * 16);
+            let mut i0 = 0;
+            while i0 < m {
+                match m - i0 {
+                    1 => quad::<K, 1>(c0, acts, i0, o, w.rows, mask),
+                    2 => quad::<K, 2>(c0, acts, i0, o, w.rows, mask),
+                    3 => quad::<K, 3>(c0, acts, i0, o, w.rows, mask),
+                    _ => quad::<K, 4>(c0, acts, i0, o, w.rows, mask),
+                }
+                i0 += 4;
             }
             g += 1;
         }
@@ -325,24 +351,18 @@ unsafe fn gemv_group<const K: u8, const VNNI: bool>(
     r1: usize,
     out: *mut f32,
 ) {
+    if VNNI {
+        return unsafe { gemv_kind::<K>(w, acts, m, r0, r1, out) };
+    }
     let mut i0 = 0;
     while i0 < m {
         let left = m - i0;
         unsafe {
-            if VNNI {
-                match left {
-                    1 => gemv_kind::<K, 1>(w, acts, i0, r0, r1, out),
-                    2 => gemv_kind::<K, 2>(w, acts, i0, r0, r1, out),
-                    3 => gemv_kind::<K, 3>(w, acts, i0, r0, r1, out),
-                    _ => gemv_kind::<K, 4>(w, acts, i0, r0, r1, out),
-                }
-            } else {
-                match left {
-                    1 => gemv_kind_avx2::<K, 1>(w, acts, i0, r0, r1, out),
-                    2 => gemv_kind_avx2::<K, 2>(w, acts, i0, r0, r1, out),
-                    3 => gemv_kind_avx2::<K, 3>(w, acts, i0, r0, r1, out),
-                    _ => gemv_kind_avx2::<K, 4>(w, acts, i0, r0, r1, out),
-                }
+            match left {
+                1 => gemv_kind_avx2::<K, 1>(w, acts, i0, r0, r1, out),
+                2 => gemv_kind_avx2::<K, 2>(w, acts, i0, r0, r1, out),
+                3 => gemv_kind_avx2::<K, 3>(w, acts, i0, r0, r1, out),
+                _ => gemv_kind_avx2::<K, 4>(w, acts, i0, r0, r1, out),
             }
         }
         i0 += left.min(4);

@@ -347,6 +347,9 @@ fn causal_attention(
     };
     let total = past + t;
     let group = heads / kv_heads;
+    if t > 1 && !q.track_op() && q.device().is_cpu() && q.dtype() == DType::F32 {
+        return prefill_attention_host(shape, q, &keys, &values, past);
+    }
     // Heads sharing a kv head are adjacent, so grouping them as extra query rows avoids copying K/V.
     let q = q.contiguous()?.reshape((kv_heads, group * t, head_dim))?;
     let scores = (q.matmul(&keys.t()?)? * shape.scale as f64)?; // (kv_heads, group*t, total)
@@ -369,6 +372,75 @@ fn causal_attention(
         .reshape((heads, t, head_dim))?
         .transpose(0, 1)?
         .reshape((t, heads * head_dim))?)
+}
+
+/// [`causal_attention`]'s product for a prompt chunk on the CPU in f32, without autograd: per kv
+/// head, scores = Q·Kᵀ and out = P·V through the packed f32 GEMM kernel, softmax in place over
+/// each query's visible keys. Candle's path spends more on the (heads·t × total) score tensors'
+/// allocation, masking and scalar exponentials than on the products.
+/// q: (heads, t, head_dim); keys, values: (kv_heads, total, head_dim). Returns (t, heads·head_dim).
+fn prefill_attention_host(
+    shape: &AttentionShape<'_>,
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    past: usize,
+) -> Result<Tensor> {
+    use crate::kernels::dense::{packed_matmul, PackedMatrix};
+    let (heads, t, head_dim) = q.dims3()?;
+    let (kv_heads, total) = (keys.dim(0)?, keys.dim(1)?);
+    let group = heads / kv_heads;
+    let host = |x: &Tensor| -> Result<Vec<f32>> { Ok(x.contiguous()?.flatten_all()?.to_vec1()?) };
+    let (q, keys, values) = (host(q)?, host(keys)?, host(values)?);
+    let rows = group * t;
+    let mut out = vec![0f32; t * heads * head_dim];
+    let mut scores = vec![0f32; rows * total];
+    let mut block = vec![0f32; rows * head_dim];
+    let mut values_t = vec![0f32; head_dim * total];
+    for kvh in 0..kv_heads {
+        let kh = &keys[kvh * total * head_dim..][..total * head_dim];
+        let qh = &q[kvh * rows * head_dim..][..rows * head_dim];
+        packed_matmul(
+            &PackedMatrix::pack(kh, total, head_dim),
+            qh,
+            rows,
+            None,
+            &mut scores,
+        );
+        let softmax = |r: usize, row: &mut [f32]| {
+            let pos = past + r % t;
+            let first = shape.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let visible = &mut row[first..=pos];
+            visible.iter_mut().for_each(|s| *s *= shape.scale);
+            let max = visible.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let inv = 1.0 / crate::kernels::activation::exp_shifted_inplace(visible, max);
+            visible.iter_mut().for_each(|p| *p *= inv);
+            row[..first].fill(0.0);
+            row[pos + 1..].fill(0.0);
+        };
+        {
+            use rayon::prelude::*;
+            scores
+                .par_chunks_mut(total)
+                .enumerate()
+                .with_min_len(64)
+                .for_each(|(r, row)| softmax(r, row));
+        }
+        let vh = &values[kvh * total * head_dim..][..total * head_dim];
+        for (j, v) in vh.chunks_exact(head_dim).enumerate() {
+            for (d, x) in v.iter().enumerate() {
+                values_t[d * total + j] = *x;
+            }
+        }
+        let packed_values = PackedMatrix::pack(&values_t, head_dim, total);
+        packed_matmul(&packed_values, &scores, rows, None, &mut block);
+        // Rows of `block` are (head within the group, token); out is (token, head, dim).
+        for (r, o) in block.chunks_exact(head_dim).enumerate() {
+            let (h, i) = (kvh * group + r / t, r % t);
+            out[(i * heads + h) * head_dim..][..head_dim].copy_from_slice(o);
+        }
+    }
+    Ok(Tensor::from_vec(out, (t, heads * head_dim), &Device::Cpu)?)
 }
 
 /// Additive mask (t, past + t): query i (at position past + i) sees keys at positions
@@ -435,4 +507,74 @@ pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
     let shifted = logits.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
     Ok(shifted.broadcast_sub(&lse)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The host prefill path against a plain f64 evaluation of masked attention: grouped kv
+    /// heads, a chunk after earlier positions (past > 0) and a local window.
+    #[test]
+    fn host_prefill_attention_matches_masked_softmax() {
+        let (heads, kv_heads, head_dim, past, t) = (6, 2, 8, 7, 5);
+        let total = past + t;
+        let value = |i: usize, salt: usize| (((i * 37 + salt * 11) % 97) as f32 - 48.0) / 30.0;
+        let q: Vec<f32> = (0..heads * t * head_dim).map(|i| value(i, 1)).collect();
+        let k: Vec<f32> = (0..kv_heads * total * head_dim)
+            .map(|i| value(i, 2))
+            .collect();
+        let v: Vec<f32> = (0..kv_heads * total * head_dim)
+            .map(|i| value(i, 3))
+            .collect();
+        let dev = Device::Cpu;
+        let qt = Tensor::from_vec(q.clone(), (heads, t, head_dim), &dev).unwrap();
+        let kt = Tensor::from_vec(k.clone(), (kv_heads, total, head_dim), &dev).unwrap();
+        let vt = Tensor::from_vec(v.clone(), (kv_heads, total, head_dim), &dev).unwrap();
+        for window in [None, Some(4)] {
+            let shape = AttentionShape {
+                heads,
+                kv_heads,
+                head_dim,
+                rope: None,
+                scale: 0.35,
+                window,
+            };
+            let got = prefill_attention_host(&shape, &qt, &kt, &vt, past).unwrap();
+            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for h in 0..heads {
+                let kvh = h / (heads / kv_heads);
+                for i in 0..t {
+                    let pos = past + i;
+                    let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                    let scores: Vec<f64> = (first..=pos)
+                        .map(|j| {
+                            (0..head_dim)
+                                .map(|d| {
+                                    q[(h * t + i) * head_dim + d] as f64
+                                        * k[(kvh * total + j) * head_dim + d] as f64
+                                })
+                                .sum::<f64>()
+                                * 0.35
+                        })
+                        .collect();
+                    let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                    let z: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                    for d in 0..head_dim {
+                        let want: f64 = (first..=pos)
+                            .zip(&scores)
+                            .map(|(j, s)| {
+                                (s - max).exp() / z * v[(kvh * total + j) * head_dim + d] as f64
+                            })
+                            .sum();
+                        let have = got[(i * heads + h) * head_dim + d] as f64;
+                        assert!(
+                            (have - want).abs() < 1e-5,
+                            "{window:?} h{h} i{i} d{d}: {have} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
