@@ -253,45 +253,70 @@ pub(crate) fn quantize_block_scalar(x: &[f32], q: &mut [i8]) -> (f32, f32) {
     (d, d * sum as f32)
 }
 
+/// Quantize one row (`x.len()` = `q.len()`, a multiple of 32) into int8 blocks.
+fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if features().avx512 {
+        // SAFETY: feature checked at runtime.
+        unsafe { x86::quantize_row_avx512(x, q, d, s) };
+        return;
+    }
+    for (b, (xb, qb)) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).enumerate() {
+        (d[b], s[b]) = quantize_block_scalar(xb, qb);
+    }
+}
+
+/// One activation row of [`QuantizedActs`]: int8 values, block scales, scaled block sums.
+type ActRow<'a> = (&'a mut [i8], &'a mut [f32], &'a mut [f32]);
+
+/// Rows of `acts` as (q, d, s) slices, row by row, from row `first` on.
+fn act_rows_mut(acts: &mut QuantizedActs, first: usize) -> impl Iterator<Item = ActRow<'_>> {
+    let (cols, nb) = (acts.cols, acts.nb);
+    acts.q[first * cols..]
+        .chunks_exact_mut(cols)
+        .zip(acts.d[first * nb..].chunks_exact_mut(nb))
+        .zip(acts.s[first * nb..].chunks_exact_mut(nb))
+        .map(|((q, d), s)| (q, d, s))
+}
+
 fn quantize_rows(x: &[f32], m: usize, cols: usize, acts: &mut QuantizedActs, parallel: bool) {
     acts.resize(m, cols);
-    let nb = cols / 32;
-    let simd = features();
-    let job = |r: usize, q: &mut [i8], d: &mut [f32], s: &mut [f32]| {
-        let xr = &x[r * cols..(r + 1) * cols];
-        #[cfg(target_arch = "x86_64")]
-        if simd.avx512 {
-            // SAFETY: feature checked at runtime.
-            unsafe { x86::quantize_row_avx512(xr, q, d, s) };
-            return;
-        }
-        let _ = simd;
-        for b in 0..nb {
-            let (db, sb) =
-                quantize_block_scalar(&xr[b * 32..b * 32 + 32], &mut q[b * 32..b * 32 + 32]);
-            d[b] = db;
-            s[b] = sb;
-        }
-    };
-    let QuantizedActs { q, d, s, .. } = acts;
+    let rows = act_rows_mut(acts, 0).take(m).zip(x.chunks_exact(cols));
+    let job = |((q, d, s), xr): (ActRow, &[f32])| quantize_row(xr, q, d, s);
     if parallel && m >= 64 && rayon::current_num_threads() > 1 {
         use rayon::prelude::*;
-        q[..m * cols]
-            .par_chunks_mut(cols)
-            .zip(d[..m * nb].par_chunks_mut(nb))
-            .zip(s[..m * nb].par_chunks_mut(nb))
-            .enumerate()
-            .with_min_len(16)
-            .for_each(|(r, ((q, d), s))| job(r, q, d, s));
+        rows.par_bridge().for_each(job);
     } else {
-        for r in 0..m {
-            job(
-                r,
-                &mut q[r * cols..(r + 1) * cols],
-                &mut d[r * nb..(r + 1) * nb],
-                &mut s[r * nb..(r + 1) * nb],
-            );
+        rows.for_each(job);
+    }
+}
+
+/// Rows 0..m of `acts`: `x` quantized; rows m..2m: what that int8 rounding left over,
+/// quantized again (see [`quant_matmul_precise`]).
+fn quantize_rows_precise(x: &[f32], m: usize, cols: usize, acts: &mut QuantizedActs) {
+    acts.resize(2 * m, cols);
+    let nb = cols / 32;
+    let (main, rest): (Vec<_>, Vec<_>) = {
+        let mut all: Vec<_> = act_rows_mut(acts, 0).take(2 * m).collect();
+        let rest = all.split_off(m);
+        (all, rest)
+    };
+    let job = |(((q, d, s), (rq, rd, rs)), xr): ((ActRow, ActRow), &[f32])| {
+        quantize_row(xr, q, d, s);
+        let mut residual = vec![0f32; cols];
+        for b in 0..nb {
+            for j in b * 32..b * 32 + 32 {
+                residual[j] = xr[j] - d[b] * q[j] as f32;
+            }
         }
+        quantize_row(&residual, rq, rd, rs);
+    };
+    let rows = main.into_iter().zip(rest).zip(x.chunks_exact(cols));
+    if m >= 64 && rayon::current_num_threads() > 1 {
+        use rayon::prelude::*;
+        rows.par_bridge().for_each(job);
+    } else {
+        rows.for_each(job);
     }
 }
 
@@ -362,8 +387,8 @@ pub const SMALL_M: usize = 12;
 
 thread_local! {
     static ACTS: RefCell<QuantizedActs> = RefCell::new(QuantizedActs::new());
-    /// Scratch of [`quant_matmul_precise`]: stacked activations and the stacked product.
-    static PRECISE: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// Scratch of [`quant_matmul_precise`]: the product of the stacked rows.
+    static PRECISE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A raw pointer that may be shared across rayon tasks writing disjoint output elements.
@@ -537,22 +562,8 @@ pub fn quant_matmul_precise(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32
     if m == 0 || rows == 0 {
         return;
     }
-    let mut run = |acts: &mut QuantizedActs, scratch: &mut (Vec<f32>, Vec<f32>)| {
-        let (stacked, product) = scratch;
-        // Rows 0..m: x; rows m..2m: what int8 rounding of x left over.
-        stacked.resize(2 * m * cols, 0.0);
-        stacked[..m * cols].copy_from_slice(&x[..m * cols]);
-        quantize_rows(x, m, cols, acts, true);
-        for ((r, xb), (qb, d)) in stacked[m * cols..]
-            .chunks_exact_mut(32)
-            .zip(x[..m * cols].chunks_exact(32))
-            .zip(acts.q[..m * cols].chunks_exact(32).zip(&acts.d))
-        {
-            for j in 0..32 {
-                r[j] = xb[j] - *d * qb[j] as f32;
-            }
-        }
-        quantize_rows(stacked, 2 * m, cols, acts, true);
+    let mut run = |acts: &mut QuantizedActs, product: &mut Vec<f32>| {
+        quantize_rows_precise(&x[..m * cols], m, cols, acts);
         product.resize(2 * m * rows, 0.0);
         quant_matmul_q8(w, acts, 2 * m, product, None);
         let (main, correction) = product.split_at(m * rows);
@@ -571,7 +582,7 @@ pub fn quant_matmul_precise(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32
     });
     if !done {
         // A nested call from inside a rayon task: fresh buffers rather than a borrow panic.
-        run(&mut QuantizedActs::new(), &mut (Vec::new(), Vec::new()));
+        run(&mut QuantizedActs::new(), &mut Vec::new());
     }
 }
 
