@@ -39,6 +39,21 @@ impl PackedMatrix {
         PackedMatrix { n, k, panels }
     }
 
+    /// The same packing from the transpose, a (k × n) row-major matrix (e.g. attention values,
+    /// positions × head_dim, as the weights of `P·V`): its rows are the panels' k-rows already.
+    pub fn pack_transposed(wt: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(wt.len(), n * k, "weight length is n × k");
+        let count = n.div_ceil(NR);
+        let mut panels = vec![0f32; count * k * NR];
+        for (p, panel) in panels.chunks_exact_mut(k * NR).enumerate() {
+            let cols = NR.min(n - p * NR);
+            for (kk, dst) in panel.chunks_exact_mut(NR).enumerate() {
+                dst[..cols].copy_from_slice(&wt[kk * n + p * NR..][..cols]);
+            }
+        }
+        PackedMatrix { n, k, panels }
+    }
+
     pub fn rows(&self) -> usize {
         self.n
     }
@@ -270,6 +285,8 @@ mod tests {
             let bias: Vec<f32> = (0..n).map(|_| rand()).collect();
             let packed = PackedMatrix::pack(&w, n, k);
             assert_eq!(packed.unpack(), w);
+            let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+            assert_eq!(PackedMatrix::pack_transposed(&wt, n, k).unpack(), w);
             let want = reference(&w, n, k, &x, m, &bias);
             let mut got = vec![f32::NAN; m * n];
             packed_matmul(&packed, &x, m, Some(&bias), &mut got);

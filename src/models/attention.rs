@@ -396,7 +396,6 @@ fn prefill_attention_host(
     let mut out = vec![0f32; t * heads * head_dim];
     let mut scores = vec![0f32; rows * total];
     let mut block = vec![0f32; rows * head_dim];
-    let mut values_t = vec![0f32; head_dim * total];
     for kvh in 0..kv_heads {
         let kh = &keys[kvh * total * head_dim..][..total * head_dim];
         let qh = &q[kvh * rows * head_dim..][..rows * head_dim];
@@ -427,12 +426,7 @@ fn prefill_attention_host(
                 .for_each(|(r, row)| softmax(r, row));
         }
         let vh = &values[kvh * total * head_dim..][..total * head_dim];
-        for (j, v) in vh.chunks_exact(head_dim).enumerate() {
-            for (d, x) in v.iter().enumerate() {
-                values_t[d * total + j] = *x;
-            }
-        }
-        let packed_values = PackedMatrix::pack(&values_t, head_dim, total);
+        let packed_values = PackedMatrix::pack_transposed(vh, head_dim, total);
         packed_matmul(&packed_values, &scores, rows, None, &mut block);
         // Rows of `block` are (head within the group, token); out is (token, head, dim).
         for (r, o) in block.chunks_exact(head_dim).enumerate() {

@@ -24,6 +24,18 @@ struct LayerCache {
     values: Option<Tensor>,
 }
 
+/// The position shared by one step's decoder sequences (the beams of one source, which advance
+/// together); an error when they disagree.
+pub fn shared_position(caches: &[KvCache]) -> Result<usize> {
+    let position = caches.first().map_or(0, KvCache::len);
+    if caches.iter().any(|c| c.len() != position) {
+        return Err(crate::Error::invalid(
+            "decoder sequences of one step must be at the same position",
+        ));
+    }
+    Ok(position)
+}
+
 impl KvCache {
     pub fn new(
         num_layers: usize,

@@ -463,12 +463,7 @@ impl Marian {
         tokens: &[u32],
         caches: &mut [KvCache],
     ) -> Result<Tensor> {
-        let position = caches.first().map_or(0, KvCache::len);
-        if caches.iter().any(|c| c.len() != position) {
-            return Err(Error::invalid(
-                "decoder sequences of one step must be at the same position",
-            ));
-        }
+        let position = super::kv_cache::shared_position(caches)?;
         if position >= self.config.max_position_embeddings {
             return Err(Error::ContextOverflow {
                 prompt_tokens: position + 1,

@@ -434,12 +434,7 @@ impl T5 {
         tokens: &[u32],
         caches: &mut [KvCache],
     ) -> Result<Tensor> {
-        let position = caches.first().map_or(0, KvCache::len);
-        if caches.iter().any(|c| c.len() != position) {
-            return Err(Error::invalid(
-                "decoder sequences of one step must be at the same position",
-            ));
-        }
+        let position = super::kv_cache::shared_position(caches)?;
         self.check_ids(tokens)?;
         let table = self.decoder[0]
             .self_attention
