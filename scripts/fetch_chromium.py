@@ -34,6 +34,13 @@ def installed(package: str) -> bool:
     return status.returncode == 0 and status.stdout.endswith(" installed")
 
 
+def ensure_package_lists() -> None:
+    """A fresh machine may have no package lists yet; root can fetch them."""
+    known = subprocess.run(["apt-cache", "show", PACKAGE], capture_output=True)
+    if known.returncode != 0 and os.geteuid() == 0:
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+
+
 def missing_packages() -> list[str]:
     """The package and the libraries of its dependency closure that are not installed here.
 
@@ -50,6 +57,7 @@ def missing_packages() -> list[str]:
 
 
 def fetch() -> Path:
+    ensure_package_lists()
     packages = missing_packages()
     root = TOOLS / "root"
     with tempfile.TemporaryDirectory() as tmp:
