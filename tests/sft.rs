@@ -42,7 +42,16 @@ fn lora_tuning_teaches_smollm2_an_answer_format() {
     let (eval_set, _) = read_sft_examples(&fixture("sft-format/eval.jsonl"), false).unwrap();
     let config =
         LoraConfig::new(8, 16.0, 0.05, TargetModules::Pattern("all-linear".into())).unwrap();
-    let task = SftTask::new(model, config, &train_set, &eval_set, 256, 42).unwrap();
+    let task = SftTask::new(
+        model,
+        config,
+        &train_set,
+        &eval_set,
+        256,
+        42,
+        Default::default(),
+    )
+    .unwrap();
     let before = task.evaluate().unwrap().unwrap().loss;
     let out = tempfile::tempdir().unwrap();
     let options = train::TrainOptions {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use common::{fixture, read_json};
 use wordloom::models::bert::{Encoder, EncoderConfig, EncoderInput};
-use wordloom::train::{self, AdamW, AdamWConfig, Schedule, Task};
+use wordloom::train::{self, AdamW, AdamWConfig, Precision, Schedule, Task};
 use wordloom::weights::{Parameters, WeightStore};
 
 const DIR: &str = "train-bert-cls";
@@ -214,10 +214,18 @@ fn examples() -> Vec<wordloom::train::data::Example> {
 
 #[test]
 fn an_interrupted_run_resumed_from_its_checkpoint_ends_with_the_same_weights() {
+    // f16 also restores its loss scale from the checkpoint.
+    for precision in [Precision::F32, Precision::F16] {
+        resume_ends_with_the_same_weights(precision);
+    }
+}
+
+fn resume_ends_with_the_same_weights(precision: Precision) {
     use wordloom::train::classify::ClassifierTask;
     let base = fixture("tiny-bert-base");
     let data = examples();
     let options = train::TrainOptions {
+        precision,
         epochs: 2.0,
         lr: 1e-3,
         batch_size: 2,
@@ -228,8 +236,17 @@ fn an_interrupted_run_resumed_from_its_checkpoint_ends_with_the_same_weights() {
         save_every: Some(2),
         ..train::TrainOptions::default()
     };
-    let task =
-        |seed| ClassifierTask::new(base.to_str().unwrap(), &data, &data[..4], None, seed).unwrap();
+    let task = |seed| {
+        ClassifierTask::new(
+            base.to_str().unwrap(),
+            &data,
+            &data[..4],
+            None,
+            seed,
+            precision,
+        )
+        .unwrap()
+    };
     let straight_dir = tempfile::tempdir().unwrap();
     let straight = task(7);
     let reports = train::train(&straight, &options, straight_dir.path(), false, |_| {}).unwrap();
@@ -281,6 +298,60 @@ fn an_interrupted_run_resumed_from_its_checkpoint_ends_with_the_same_weights() {
         6,
         "each step logged once:\n{metrics}"
     );
+}
+
+#[test]
+fn mixed_precision_trains_in_bf16_and_f16_close_to_f32() {
+    use wordloom::train::classify::ClassifierTask;
+    let base = fixture("tiny-bert-base");
+    let data = examples();
+    let run = |precision| {
+        let options = train::TrainOptions {
+            epochs: 2.0,
+            lr: 1e-3,
+            batch_size: 2,
+            precision,
+            ..train::TrainOptions::default()
+        };
+        let task = ClassifierTask::new(
+            base.to_str().unwrap(),
+            &data,
+            &data[..4],
+            None,
+            7,
+            precision,
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        train::train(&task, &options, dir.path(), false, |_| {}).unwrap()
+    };
+    let full = run(Precision::F32);
+    for (precision, tolerance) in [(Precision::Bf16, 3e-2), (Precision::F16, 3e-3)] {
+        let mixed = run(precision);
+        assert_eq!(mixed.len(), full.len());
+        let mut differs = false;
+        for (m, f) in mixed.iter().zip(&full) {
+            assert!(
+                (m.loss - f.loss).abs() <= tolerance * f.loss.abs(),
+                "{precision:?} step {}: loss {} vs f32 {}",
+                m.step,
+                m.loss,
+                f.loss
+            );
+            differs |= m.loss != f.loss;
+            assert!(!m.skipped, "{precision:?} step {} overflowed", m.step);
+            let scale = (precision == Precision::F16).then_some(65536.0);
+            assert_eq!(m.loss_scale, scale, "{precision:?}");
+        }
+        // The products really ran in the lower precision.
+        assert!(differs, "{precision:?} losses are bitwise f32's");
+        let (m, f) = (mixed.last().unwrap(), full.last().unwrap());
+        let (me, fe) = (m.eval.as_ref().unwrap(), f.eval.as_ref().unwrap());
+        assert!(
+            (me.loss - fe.loss).abs() <= tolerance * fe.loss,
+            "{precision:?}"
+        );
+    }
 }
 
 fn finetune(args: &[&str]) -> std::process::Output {
@@ -448,7 +519,16 @@ fn an_interrupted_lora_run_with_dropout_resumes_to_the_same_adapter() {
     let task = || {
         let targets = TargetModules::Names(vec!["q_proj".into(), "down_proj".into()]);
         let config = LoraConfig::new(4, 8.0, 0.1, targets).unwrap();
-        SftTask::new(base.to_str().unwrap(), config, &data, &data[..2], 64, 3).unwrap()
+        SftTask::new(
+            base.to_str().unwrap(),
+            config,
+            &data,
+            &data[..2],
+            64,
+            3,
+            Default::default(),
+        )
+        .unwrap()
     };
     let straight_dir = tempfile::tempdir().unwrap();
     let straight = task();

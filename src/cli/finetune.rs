@@ -7,7 +7,7 @@ use rand::SeedableRng;
 use wordloom::train::classify::ClassifierTask;
 use wordloom::train::data::read_examples;
 use wordloom::train::sft::{read_sft_examples, SftTask};
-use wordloom::train::{train, Schedule, StepReport, Task, TrainOptions};
+use wordloom::train::{train, Precision, Schedule, StepReport, Task, TrainOptions};
 use wordloom::weights::{LoraConfig, TargetModules};
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -23,6 +23,13 @@ pub enum ScheduleArg {
     Linear,
     Cosine,
     Constant,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum PrecisionArg {
+    F32,
+    Bf16,
+    F16,
 }
 
 #[derive(Args)]
@@ -96,6 +103,11 @@ pub struct FinetuneArgs {
     pub clip_norm: f64,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Compute dtype of the forward and backward passes; weights, gradients and optimizer
+    /// state stay f32. f16 adds dynamic loss scaling. f32 is the default: on this project's
+    /// CPU kernels bf16/f16 are slower (BENCHMARKS.md, "Mixed precision").
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: PrecisionArg,
     /// Write a checkpoint every N steps (atomically; --resume continues from it).
     #[arg(long)]
     pub save_every: Option<u64>,
@@ -211,6 +223,11 @@ pub fn run(args: FinetuneArgs) -> Result<()> {
         seed: args.seed,
         save_every: args.save_every,
         eval_every: args.eval_every,
+        precision: match args.precision {
+            PrecisionArg::F32 => Precision::F32,
+            PrecisionArg::Bf16 => Precision::Bf16,
+            PrecisionArg::F16 => Precision::F16,
+        },
     };
     match task {
         FinetuneTask::Sft => run_sft(&args, &options),
@@ -233,7 +250,13 @@ fn run_sft(args: &FinetuneArgs, options: &TrainOptions) -> Result<()> {
     let max_len = args.max_len.unwrap_or(1024);
     let task = super::with_threads(args.threads, || {
         Ok(SftTask::new(
-            &base, config, &train_set, &eval_set, max_len, args.seed,
+            &base,
+            config,
+            &train_set,
+            &eval_set,
+            max_len,
+            args.seed,
+            options.precision,
         )?)
     })?;
     let (train_n, eval_n) = task.sizes();
@@ -265,7 +288,14 @@ fn run_classify(args: &FinetuneArgs, options: &TrainOptions) -> Result<()> {
         .as_deref()
         .context("--task classify needs -m/--model: a BERT-family encoder")?;
     let (train_set, eval_set) = datasets(args, read_examples)?;
-    let task = ClassifierTask::new(model, &train_set, &eval_set, args.max_len, args.seed)?;
+    let task = ClassifierTask::new(
+        model,
+        &train_set,
+        &eval_set,
+        args.max_len,
+        args.seed,
+        options.precision,
+    )?;
     eprintln!(
         "{} training / {} held-out examples, labels [{}]{}; inputs up to {} tokens ({} cut to fit)",
         train_set.len(),

@@ -228,12 +228,13 @@ impl Encoder {
                 weights.push(w.tensor(&format!("{name}.weight"), &[h, h], dtype, device)?);
                 biases.push(w.tensor(&format!("{name}.bias"), &[h], dtype, device)?);
             }
-            Linear::new(
+            Ok(Linear::new(
                 w.dense_weight(Tensor::cat(&weights, 0)?)?,
                 Some(Tensor::cat(&biases, 0)?),
                 h,
                 3 * h,
-            )
+            )?
+            .with_autocast(w.autocast()))
         };
         let norm = |name: &str| LayerNorm::load(w, name, h, eps, dtype, device);
 

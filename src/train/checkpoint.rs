@@ -9,7 +9,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::optim::{AdamW, Moments};
+use super::optim::{AdamW, LossScaler, Moments};
 use super::{Progress, StepReport, TrainOptions};
 use crate::error::{Error, Result};
 use crate::weights::Parameters;
@@ -21,6 +21,9 @@ struct TrainerState {
     progress: Progress,
     optimizer_step: u64,
     options: TrainOptions,
+    /// f16 runs: the loss scaler, so that a resumed run scales as the uninterrupted one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    loss_scaler: Option<LossScaler>,
 }
 
 /// Save the run's state as `out/checkpoint`.
@@ -28,6 +31,7 @@ pub fn save(
     out: &Path,
     params: &Parameters,
     optimizer: &AdamW,
+    loss_scaler: Option<&LossScaler>,
     progress: &Progress,
     options: &TrainOptions,
 ) -> Result<()> {
@@ -58,6 +62,7 @@ pub fn save(
         progress: progress.clone(),
         optimizer_step: optimizer.step,
         options: options.clone(),
+        loss_scaler: loss_scaler.cloned(),
     };
     let json = serde_json::to_vec_pretty(&state).map_err(|e| Error::invalid(e.to_string()))?;
     super::write_atomic(&fresh.join("trainer_state.json"), &json)?;
@@ -85,6 +90,7 @@ pub fn load(
     out: &Path,
     params: &Parameters,
     optimizer: &mut AdamW,
+    loss_scaler: &mut Option<LossScaler>,
     options: &TrainOptions,
 ) -> Result<Progress> {
     let dir = [out.join(DIR), out.join("checkpoint.old")]
@@ -143,6 +149,15 @@ pub fn load(
         }
     }
     optimizer.step = state.optimizer_step;
+    if loss_scaler.is_some() {
+        *loss_scaler = state.loss_scaler;
+        if loss_scaler.is_none() {
+            return Err(Error::file(
+                &state_path,
+                "an f16 checkpoint without its loss scale",
+            ));
+        }
+    }
     Ok(state.progress)
 }
 

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor, D};
 use tokenizers::{TruncationDirection, TruncationParams, TruncationStrategy};
 
 use super::data::Example;
-use super::{Evaluation, Task};
+use super::{Evaluation, Precision, Task};
 use crate::error::{Error, Result};
 use crate::models::bert::{Encoder, EncoderConfig, EncoderInput, Flavor, HeadKind};
 use crate::tasks::encoder::EncoderModel;
@@ -36,13 +36,15 @@ pub struct ClassifierTask {
 
 impl ClassifierTask {
     /// Prepare fine-tuning of `base` (an HF encoder directory or hub id) on `train`, evaluated
-    /// on `eval`; inputs are cut to `max_len` tokens (default: the model's limit).
+    /// on `eval`; inputs are cut to `max_len` tokens (default: the model's limit). The passes
+    /// compute in `precision`'s dtype over f32 master weights.
     pub fn new(
         base: &str,
         train: &[Example],
         eval: &[Example],
         max_len: Option<usize>,
         seed: u64,
+        precision: Precision,
     ) -> Result<Self> {
         let model = EncoderModel::load(base, &LoadOptions::default())?;
         let labels: Vec<String> = train
@@ -99,10 +101,13 @@ impl ClassifierTask {
                 .collect(),
         );
         config.problem_type = Some("single_label_classification".into());
-        let params = Arc::new(Parameters::from_base(
-            WeightStore::open_hf_dir(&model.dir)?,
-            Some(FreshInit { std: 0.02, seed }),
-        ));
+        let params = Arc::new(
+            Parameters::from_base(
+                WeightStore::open_hf_dir(&model.dir)?,
+                Some(FreshInit { std: 0.02, seed }),
+            )
+            .with_autocast(precision.autocast()),
+        );
         let max_tokens = max_len.map_or(model.max_tokens, |l| l.min(model.max_tokens));
         let mut tokenizer = model.truncating_tokenizer(TruncationStrategy::LongestFirst, 0)?;
         tokenizer

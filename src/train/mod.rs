@@ -20,7 +20,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-pub use optim::{AdamW, AdamWConfig, Schedule};
+pub use optim::{AdamW, AdamWConfig, LossScaler, Precision, Schedule};
 
 use crate::error::{Error, Result};
 use crate::weights::Parameters;
@@ -41,6 +41,9 @@ pub struct TrainOptions {
     pub seed: u64,
     pub save_every: Option<u64>,
     pub eval_every: Option<u64>,
+    /// Compute dtype of the passes (the tasks build their models in it).
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl Default for TrainOptions {
@@ -58,6 +61,7 @@ impl Default for TrainOptions {
             seed: 42,
             save_every: None,
             eval_every: None,
+            precision: Precision::F32,
         }
     }
 }
@@ -97,6 +101,12 @@ pub struct StepReport {
     pub samples_per_second: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval: Option<Evaluation>,
+    /// The f16 loss scale the step ran with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<f64>,
+    /// The gradients overflowed at that scale: no update was made (`grad_norm` is then 0).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
 }
 
 /// Where the loop stands; saved in checkpoints.
@@ -157,10 +167,11 @@ pub fn train(
         ..AdamWConfig::default()
     });
     let mut progress = Progress::default();
+    let mut scaler = options.precision.loss_scaler();
     let metrics_path = out.join("metrics.jsonl");
     let mut reports: Vec<StepReport> = Vec::new();
     if resume {
-        let restored = checkpoint::load(out, params, &mut optimizer, options)?;
+        let restored = checkpoint::load(out, params, &mut optimizer, &mut scaler, options)?;
         progress = restored;
         // Keep the metrics up to the checkpoint; later lines are from the interrupted attempt.
         reports = checkpoint::read_metrics(&metrics_path)?
@@ -176,6 +187,7 @@ pub fn train(
     let mut order = epoch_order(n, options.seed, progress.epoch);
     while progress.step < total {
         let start = Instant::now();
+        let loss_scale = scaler.as_ref().map(|s| s.scale);
         let mut sums: Vec<Vec<f32>> = Vec::new();
         let (mut loss_sum, mut tokens, mut samples) = (0.0f64, 0usize, 0usize);
         for micro in 0..options.grad_accum {
@@ -194,7 +206,8 @@ pub fn train(
             let (loss, batch_tokens) = task.loss(batch, dropout_seed)?;
             tokens += batch_tokens;
             loss_sum += loss.to_scalar::<f32>()? as f64 / options.grad_accum as f64;
-            let grads = (loss / options.grad_accum as f64)?.backward()?;
+            let grads =
+                (loss * (loss_scale.unwrap_or(1.0) / options.grad_accum as f64))?.backward()?;
             let micro = collect_gradients(&vars, &grads)?;
             if sums.is_empty() {
                 sums = micro;
@@ -208,13 +221,19 @@ pub fn train(
             * options
                 .schedule
                 .factor(progress.step, options.warmup_steps, total);
-        let grad_norm = apply_gradients(&vars, &mut sums, &mut optimizer, lr, options.clip_norm)
-            .map_err(|e| match e {
-                Error::InvalidArgument(m) => {
-                    Error::invalid(format!("step {}: {m}", progress.step + 1))
-                }
-                other => other,
-            })?;
+        let skipped = scaler.as_mut().is_some_and(|s| !s.unscale(&mut sums));
+        let grad_norm = if skipped {
+            0.0
+        } else {
+            apply_gradients(&vars, &mut sums, &mut optimizer, lr, options.clip_norm).map_err(
+                |e| match e {
+                    Error::InvalidArgument(m) => {
+                        Error::invalid(format!("step {}: {m}", progress.step + 1))
+                    }
+                    other => other,
+                },
+            )?
+        };
         progress.step += 1;
         let seconds = start.elapsed().as_secs_f64();
         let (tokens_per_second, samples_per_second) =
@@ -236,13 +255,15 @@ pub fn train(
             tokens_per_second,
             samples_per_second,
             eval,
+            loss_scale,
+            skipped,
         };
         checkpoint::append_metric(&metrics_path, &report)?;
         on_step(&report);
         reports.push(report);
         let save = options.save_every.is_some_and(|e| progress.step % e == 0);
         if save && progress.step < total {
-            checkpoint::save(out, params, &optimizer, &progress, options)?;
+            checkpoint::save(out, params, &optimizer, scaler.as_ref(), &progress, options)?;
         }
     }
     curve::write_svg(&out.join("training.svg"), &reports)?;

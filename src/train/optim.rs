@@ -152,3 +152,108 @@ impl Schedule {
         }
     }
 }
+
+/// The dtype the forward and backward passes compute in. Master weights, gradients and the
+/// optimizer state stay f32 whatever it is (mixed precision, as torch.autocast + GradScaler).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Precision::F32 => candle_core::DType::F32,
+            Precision::Bf16 => candle_core::DType::BF16,
+            Precision::F16 => candle_core::DType::F16,
+        }
+    }
+
+    /// The dtype linear layers multiply in, where it is not f32.
+    pub fn autocast(self) -> Option<candle_core::DType> {
+        (self != Precision::F32).then(|| self.dtype())
+    }
+
+    /// f16's range ends at 65504 and its small gradients underflow: it needs loss scaling.
+    /// bf16 has f32's exponent range and does not.
+    pub fn loss_scaler(self) -> Option<LossScaler> {
+        (self == Precision::F16).then(LossScaler::default)
+    }
+}
+
+/// Dynamic loss scaling with `torch.amp.GradScaler`'s rules: the loss is multiplied by `scale`
+/// before the backward pass and the gradients divided by it after; a step whose gradients
+/// overflowed is skipped and halves the scale; `growth_interval` clean steps in a row double it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LossScaler {
+    pub scale: f64,
+    /// Clean steps since the scale last changed.
+    pub clean_steps: u64,
+    pub growth_interval: u64,
+}
+
+impl Default for LossScaler {
+    fn default() -> Self {
+        LossScaler {
+            scale: 65536.0,
+            clean_steps: 0,
+            growth_interval: 2000,
+        }
+    }
+}
+
+impl LossScaler {
+    /// Divide the scale out of `grads`; false (and the scale halved) when any of them is not
+    /// finite, in which case the step must be skipped.
+    pub fn unscale(&mut self, grads: &mut [Vec<f32>]) -> bool {
+        let inverse = (1.0 / self.scale) as f32;
+        let mut finite = true;
+        for g in grads.iter_mut().flat_map(|g| g.iter_mut()) {
+            *g *= inverse;
+            finite &= g.is_finite();
+        }
+        if finite {
+            self.clean_steps += 1;
+            if self.clean_steps == self.growth_interval {
+                self.scale *= 2.0;
+                self.clean_steps = 0;
+            }
+        } else {
+            self.scale *= 0.5;
+            self.clean_steps = 0;
+        }
+        finite
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_scaler_halves_on_overflow_and_doubles_after_clean_steps() {
+        let mut scaler = LossScaler {
+            growth_interval: 3,
+            ..LossScaler::default()
+        };
+        let mut grads = vec![vec![65536.0, -131072.0], vec![32768.0]];
+        assert!(scaler.unscale(&mut grads));
+        assert_eq!(grads, vec![vec![1.0, -2.0], vec![0.5]]);
+        let mut overflowed = vec![vec![1.0, f32::INFINITY]];
+        assert!(!scaler.unscale(&mut overflowed));
+        assert_eq!((scaler.scale, scaler.clean_steps), (32768.0, 0));
+        let mut nan = vec![vec![f32::NAN]];
+        assert!(!scaler.unscale(&mut nan));
+        assert_eq!(scaler.scale, 16384.0);
+        for _ in 0..2 {
+            assert!(scaler.unscale(&mut [vec![1.0]]));
+        }
+        assert_eq!((scaler.scale, scaler.clean_steps), (16384.0, 2));
+        assert!(scaler.unscale(&mut [vec![1.0]]));
+        assert_eq!((scaler.scale, scaler.clean_steps), (32768.0, 0));
+    }
+}

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
-use super::{Evaluation, Task};
+use super::{Evaluation, Precision, Task};
 use crate::error::{Error, Result};
 use crate::models::{KvCache, LanguageModel, LogitsWanted, SeqInput};
 use crate::tokenizer::{ChatMessage, Tokenizer};
@@ -273,11 +273,12 @@ impl SftTask {
         eval: &[SftExample],
         max_len: usize,
         seed: u64,
+        precision: Precision,
     ) -> Result<Self> {
         if max_len < 2 {
             return Err(Error::invalid("--max-len must be at least 2 tokens"));
         }
-        let lora = Arc::new(Lora::fresh(config, seed)?);
+        let lora = Arc::new(Lora::fresh(config, seed, precision.autocast())?);
         let model = LanguageModel::load_adapted(base, &LoadOptions::default(), Some(lora.clone()))?;
         let max_len = max_len.min(model.model.info().context_length);
         let mut report = TokenizeReport::default();

@@ -118,6 +118,8 @@ pub struct Linear {
     /// The bias as host floats, for kernels that add it in place.
     host_bias: Option<Arc<Vec<f32>>>,
     lora: Option<LoraAdapter>,
+    /// Mixed precision: a trainable dense weight's product computed in this dtype.
+    autocast: Option<DType>,
     in_features: usize,
     out_features: usize,
 }
@@ -140,6 +142,7 @@ impl Linear {
             bias,
             host_bias,
             lora: None,
+            autocast: None,
             in_features,
             out_features,
         })
@@ -148,6 +151,12 @@ impl Linear {
     /// The same frozen layer with a low-rank update added to its output.
     pub fn with_lora(mut self, adapter: LoraAdapter) -> Self {
         self.lora = Some(adapter);
+        self
+    }
+
+    /// The same layer multiplying in `dtype` (master weights and output keep theirs).
+    pub fn with_autocast(mut self, dtype: Option<DType>) -> Self {
+        self.autocast = dtype;
         self
     }
 
@@ -174,7 +183,13 @@ impl Linear {
     /// The stored weights' product, x2 (rows, in) -> (rows, out).
     fn frozen_forward(&self, x2: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
-            LinearWeight::Dense(w) => x2.matmul(&w.t()?)?,
+            LinearWeight::Dense(w) => match self.autocast {
+                Some(dtype) if dtype != x2.dtype() => x2
+                    .to_dtype(dtype)?
+                    .matmul(&w.to_dtype(dtype)?.t()?)?
+                    .to_dtype(x2.dtype())?,
+                _ => x2.matmul(&w.t()?)?,
+            },
             // Our kernels leave the autograd graph; a frozen layer under a trainable one (LoRA)
             // still has to pass the gradient on to its input.
             _ if x2.track_op() => {
@@ -183,7 +198,10 @@ impl Linear {
                     in_features: self.in_features,
                     out_features: self.out_features,
                 };
-                x2.to_dtype(DType::F32)?.contiguous()?.apply_op1(op)?
+                x2.to_dtype(DType::F32)?
+                    .contiguous()?
+                    .apply_op1(op)?
+                    .to_dtype(x2.dtype())?
             }
             LinearWeight::Quant(q) => q.matmul(x2)?.to_dtype(x2.dtype())?,
             LinearWeight::CandleQuant(q) => q.forward(x2)?,
@@ -290,6 +308,8 @@ pub struct LoraAdapter {
     pub mode: Arc<AdapterMode>,
     /// Mixed into the dropout seed so that every module draws its own mask.
     pub module_seed: u64,
+    /// Mixed precision: the products computed in this dtype, the update returned in f32.
+    pub autocast: Option<DType>,
 }
 
 /// Training or evaluation, switched for every adapter of a model at once (PyTorch's
@@ -336,7 +356,15 @@ impl LoraAdapter {
             }
             None => (self.a.detach(), self.b.detach(), x2.to_dtype(DType::F32)?),
         };
-        Ok((x.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scale)?)
+        let update = match self.autocast {
+            Some(dtype) => x
+                .to_dtype(dtype)?
+                .matmul(&a.to_dtype(dtype)?.t()?)?
+                .matmul(&b.to_dtype(dtype)?.t()?)?
+                .to_dtype(DType::F32)?,
+            None => x.matmul(&a.t()?)?.matmul(&b.t()?)?,
+        };
+        Ok((update * self.scale)?)
     }
 }
 

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::linear::{AdapterMode, Linear, LoraAdapter};
@@ -192,12 +192,13 @@ fn tensor_name(module: &str, which: char) -> String {
 impl Lora {
     /// A new adapter to train: A from PEFT's Kaiming-uniform init (seeded), B zero, so the
     /// adapted model starts out equal to the base.
-    pub fn fresh(config: LoraConfig, seed: u64) -> Result<Self> {
+    pub fn fresh(config: LoraConfig, seed: u64, autocast: Option<DType>) -> Result<Self> {
         config.check()?;
         let params = Parameters::fresh(
             Path::new("(new LoRA adapter)"),
             FreshInit { std: 0.0, seed },
-        );
+        )
+        .with_autocast(autocast);
         Self::with_parameters(config, Arc::new(params), false)
     }
 
@@ -289,6 +290,7 @@ impl Lora {
             dropout: self.config.lora_dropout as f32,
             mode: self.mode.clone(),
             module_seed: super::params::name_hash(module),
+            autocast: self.params.autocast(),
         }))
     }
 

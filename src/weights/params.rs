@@ -31,6 +31,8 @@ pub struct Parameters {
     vars: Arc<Mutex<BTreeMap<String, Var>>>,
     /// A view for evaluation: current values detached from the graph, fast inference kernels.
     frozen: bool,
+    /// Mixed precision: the dtype the linear layers built over these parameters multiply in.
+    autocast: Option<DType>,
 }
 
 impl Parameters {
@@ -43,7 +45,19 @@ impl Parameters {
             created: Arc::default(),
             vars: Arc::default(),
             frozen: false,
+            autocast: None,
         }
+    }
+
+    /// The same parameters, with the linear layers built over them multiplying in `dtype`
+    /// (f32 master weights cast on the fly, as torch.autocast does); `None` keeps f32.
+    pub fn with_autocast(mut self, dtype: Option<DType>) -> Self {
+        self.autocast = dtype;
+        self
+    }
+
+    pub fn autocast(&self) -> Option<DType> {
+        self.autocast
     }
 
     /// Parameters that all start fresh (a new adapter), created on first use.
@@ -55,6 +69,7 @@ impl Parameters {
             created: Arc::default(),
             vars: Arc::default(),
             frozen: false,
+            autocast: None,
         }
     }
 
@@ -67,6 +82,7 @@ impl Parameters {
             created: self.created.clone(),
             vars: self.vars.clone(),
             frozen: true,
+            autocast: self.autocast,
         }
     }
 
@@ -87,6 +103,7 @@ impl Parameters {
             created: Arc::default(),
             vars: Arc::new(Mutex::new(vars)),
             frozen: false,
+            autocast: None,
         })
     }
 

@@ -253,7 +253,15 @@ impl WeightStore {
         } else {
             None
         };
-        Linear::new(weight, bias, in_features, out_features)
+        Ok(Linear::new(weight, bias, in_features, out_features)?.with_autocast(self.autocast()))
+    }
+
+    /// The dtype trainable linear layers multiply in (mixed precision), if not f32.
+    pub fn autocast(&self) -> Option<DType> {
+        match self {
+            WeightStore::Trainable(p) => p.autocast(),
+            _ => None,
+        }
     }
 
     fn linear_weight(
