@@ -71,6 +71,148 @@ pub fn bidirectional_attention(
     }
 }
 
+/// Keys or values of one cache head: row `j` (a position) starts at `data[j * stride]` and holds
+/// `head_dim` contiguous floats.
+#[derive(Clone, Copy)]
+pub struct HeadRows<'a> {
+    pub data: &'a [f32],
+    pub stride: usize,
+}
+
+impl HeadRows<'_> {
+    fn row(&self, j: usize, head_dim: usize) -> &[f32] {
+        &self.data[j * self.stride..][..head_dim]
+    }
+}
+
+/// One decode position of the query heads that share one key/value head (grouped query
+/// attention): `q` is group × head_dim; the first `n` rows of `keys` and `values` are attended.
+#[derive(Clone, Copy)]
+pub struct GroupQuery<'a> {
+    pub q: &'a [f32],
+    pub head_dim: usize,
+    pub keys: HeadRows<'a>,
+    pub values: HeadRows<'a>,
+    pub n: usize,
+    pub scale: f32,
+}
+
+/// Attention of one [`GroupQuery`], each key and value row read once for the whole group.
+/// `scores` (group × n) is scratch; writes `out` (group × head_dim).
+pub fn decode_group_attention(query: GroupQuery<'_>, scores: &mut [f32], out: &mut [f32]) {
+    let GroupQuery {
+        q,
+        head_dim,
+        keys,
+        values,
+        n,
+        scale,
+    } = query;
+    let group = q.len() / head_dim;
+    assert_eq!(out.len(), group * head_dim, "out shape");
+    assert_eq!(scores.len(), group * n, "scores shape");
+    if n == 0 {
+        out.fill(0.0);
+        return;
+    }
+    for rows in [keys, values] {
+        assert!(
+            rows.data.len() >= (n - 1) * rows.stride + head_dim,
+            "cache rows"
+        );
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::features().avx512 && head_dim.is_multiple_of(16) && head_dim <= 128 && group <= 4 {
+        // SAFETY: AVX-512F detected; shapes checked above.
+        unsafe { x86::decode_group(query, scores, out) };
+        return;
+    }
+    for j in 0..n {
+        let key = keys.row(j, head_dim);
+        for g in 0..group {
+            scores[g * n + j] = dot(&q[g * head_dim..][..head_dim], key) * scale;
+        }
+    }
+    out.fill(0.0);
+    normalize_scores(scores, group, n);
+    for j in 0..n {
+        let value = values.row(j, head_dim);
+        for g in 0..group {
+            let p = scores[g * n + j];
+            for (o, x) in out[g * head_dim..][..head_dim].iter_mut().zip(value) {
+                *o += p * x;
+            }
+        }
+    }
+}
+
+/// Each head's scores become softmax weights (numerators divided by their sum).
+fn normalize_scores(scores: &mut [f32], group: usize, n: usize) {
+    for head in scores.chunks_exact_mut(n).take(group) {
+        let max = head.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let inverse = 1.0 / super::activation::exp_shifted_inplace(head, max);
+        head.iter_mut().for_each(|p| *p *= inverse);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::GroupQuery;
+
+    /// [`super::decode_group_attention`] with the group's queries and outputs held in
+    /// registers: head_dim ≤ 128 (8 vectors), group ≤ 4.
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn decode_group(query: GroupQuery<'_>, scores: &mut [f32], out: &mut [f32]) {
+        let (q, head_dim, n) = (query.q, query.head_dim, query.n);
+        let (keys, values, scale) = (query.keys, query.values, query.scale);
+        let group = q.len() / head_dim;
+        let vectors = head_dim / 16;
+        unsafe {
+            let mut qv = [[_mm512_setzero_ps(); 8]; 4];
+            for g in 0..group {
+                for c in 0..vectors {
+                    qv[g][c] = _mm512_loadu_ps(q.as_ptr().add(g * head_dim + c * 16));
+                }
+            }
+            for j in 0..n {
+                let key = keys.data.as_ptr().add(j * keys.stride);
+                let mut sums = [_mm512_setzero_ps(); 4];
+                for c in 0..vectors {
+                    let k = _mm512_loadu_ps(key.add(c * 16));
+                    for g in 0..group {
+                        sums[g] = _mm512_fmadd_ps(qv[g][c], k, sums[g]);
+                    }
+                }
+                for g in 0..group {
+                    *scores.get_unchecked_mut(g * n + j) = _mm512_reduce_add_ps(sums[g]) * scale;
+                }
+            }
+            super::normalize_scores(scores, group, n);
+            let mut acc = [[_mm512_setzero_ps(); 8]; 4];
+            for j in 0..n {
+                let value = values.data.as_ptr().add(j * values.stride);
+                let mut p = [_mm512_setzero_ps(); 4];
+                for g in 0..group {
+                    p[g] = _mm512_set1_ps(*scores.get_unchecked(g * n + j));
+                }
+                for c in 0..vectors {
+                    let v = _mm512_loadu_ps(value.add(c * 16));
+                    for g in 0..group {
+                        acc[g][c] = _mm512_fmadd_ps(p[g], v, acc[g][c]);
+                    }
+                }
+            }
+            for g in 0..group {
+                for c in 0..vectors {
+                    _mm512_storeu_ps(out.as_mut_ptr().add(g * head_dim + c * 16), acc[g][c]);
+                }
+            }
+        }
+    }
+}
+
 /// Dot product in 8 independent lanes, so the compiler can keep it in vector registers.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
@@ -88,6 +230,60 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decode_group_attention_matches_a_plain_softmax_average() {
+        // head_dim 64 takes the AVX-512 path where the CPU has it, 12 the portable one; the
+        // cache rows sit at a stride wider than a row, as in the KV cache.
+        for (head_dim, group, n) in [(64, 3, 37), (64, 1, 1), (12, 2, 5), (128, 4, 300)] {
+            let stride = head_dim + 8;
+            let cell = |i: usize, salt: usize| ((i * 31 + salt) % 97) as f32 / 48.0 - 1.0;
+            let q: Vec<f32> = (0..group * head_dim).map(|i| cell(i, 3)).collect();
+            let keys: Vec<f32> = (0..n * stride).map(|i| cell(i, 11)).collect();
+            let values: Vec<f32> = (0..n * stride).map(|i| cell(i, 29)).collect();
+            let scale = 0.125;
+            let mut scores = vec![0.0; group * n];
+            let mut out = vec![f32::NAN; group * head_dim];
+            let query = GroupQuery {
+                q: &q,
+                head_dim,
+                keys: HeadRows {
+                    data: &keys,
+                    stride,
+                },
+                values: HeadRows {
+                    data: &values,
+                    stride,
+                },
+                n,
+                scale,
+            };
+            decode_group_attention(query, &mut scores, &mut out);
+            for g in 0..group {
+                let logits: Vec<f64> = (0..n)
+                    .map(|j| {
+                        (0..head_dim)
+                            .map(|d| q[g * head_dim + d] as f64 * keys[j * stride + d] as f64)
+                            .sum::<f64>()
+                            * scale as f64
+                    })
+                    .collect();
+                let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                for d in 0..head_dim {
+                    let want: f64 = (0..n)
+                        .map(|j| weights[j] / total * values[j * stride + d] as f64)
+                        .sum();
+                    let got = out[g * head_dim + d] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-5,
+                        "head_dim {head_dim} group {g} dim {d}: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn matches_naive_attention_with_padding() {

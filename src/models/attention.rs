@@ -6,6 +6,7 @@ use candle_core::{DType, Device, Tensor, D};
 use super::kv_cache::KvCache;
 use super::SeqInput;
 use crate::error::Result;
+use crate::kernels::attention::{decode_group_attention, GroupQuery, HeadRows};
 
 /// How rotary embeddings pair up the dimensions of a head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -199,17 +200,13 @@ pub fn batch_attention(
         None
     };
     let (heads, kv_heads, head_dim) = (shape.heads, shape.kv_heads, shape.head_dim);
+    let mut decoded = match &host {
+        Some((hq, hk, hv)) => decode_steps_attention(shape, hq, hk, hv, batch, layer)?,
+        None => vec![None; batch.len()],
+    };
     super::per_sequence(batch, |i, offset, t, cache| {
-        if let (1, Some((hq, hk, hv))) = (t, &host) {
-            let (qw, kw) = (heads * head_dim, kv_heads * head_dim);
-            return decode_step_attention(
-                shape,
-                hq[offset * qw..(offset + 1) * qw].to_vec(),
-                hk[offset * kw..(offset + 1) * kw].to_vec(),
-                &hv[offset * kw..(offset + 1) * kw],
-                cache,
-                layer,
-            );
+        if let Some(output) = decoded[i].take() {
+            return Ok(output);
         }
         // (t, n·head_dim) -> (n, t, head_dim)
         let split = |x: &Tensor, n: usize| -> Result<Tensor> {
@@ -228,69 +225,133 @@ pub fn batch_attention(
     })
 }
 
-/// One decode step (a single new position) of one sequence, on the CPU in f32: rotary
-/// embedding, cache append and attention over the cache read in place. The same result as
-/// [`Rope::apply`] + [`causal_attention`], without the dozen framework ops per sequence and
-/// layer that dominate a batched decode step. q: heads × head_dim; k, v: kv_heads × head_dim.
-fn decode_step_attention(
+/// The decode steps (one new position each) of a batch's sequences, on the CPU in f32: rotary
+/// embedding and cache append per sequence, then attention over every cache read in place, for
+/// all (sequence, key/value head) pairs in one parallel pass. The same result as
+/// [`Rope::apply`] + [`causal_attention`], without the dozen framework ops and the thread
+/// hand-off per sequence and layer that would dominate a batched decode step. q, k, v: the
+/// batch's projection rows. Returns a (1, heads·head_dim) output for each decoding sequence.
+fn decode_steps_attention(
     shape: &AttentionShape<'_>,
-    mut q: Vec<f32>,
-    mut k: Vec<f32>,
+    q: &[f32],
+    k: &[f32],
     v: &[f32],
-    cache: &mut KvCache,
+    batch: &mut [SeqInput<'_>],
     layer: usize,
-) -> Result<Tensor> {
-    let (heads, kv_heads, head_dim) = (shape.heads, shape.kv_heads, shape.head_dim);
-    let position = cache.len();
-    if let Some((rope, _)) = shape.rope {
-        rope.rotate(&mut q, position, head_dim);
-        rope.rotate(&mut k, position, head_dim);
+) -> Result<Vec<Option<Tensor>>> {
+    struct Step {
+        seq: usize,
+        q: Vec<f32>,
+        keys: Tensor,
+        values: Tensor,
+        first: usize,
+        n: usize,
     }
+    let (heads, kv_heads, head_dim) = (shape.heads, shape.kv_heads, shape.head_dim);
+    let (qw, kw) = (heads * head_dim, kv_heads * head_dim);
     let device = Device::Cpu;
-    let k = Tensor::from_vec(k, (kv_heads, 1, head_dim), &device)?;
-    let v = Tensor::from_slice(v, (kv_heads, 1, head_dim), &device)?;
-    let (keys, values) = cache.append(layer, &k, &v)?;
-    let total = position + 1;
-    let first = shape.window.map_or(0, |w| total.saturating_sub(w));
-    let mut out = vec![0f32; heads * head_dim];
-    let (key_storage, key_layout) = keys.storage_and_layout();
-    let (value_storage, value_layout) = values.storage_and_layout();
-    let (candle_core::Storage::Cpu(key_cpu), candle_core::Storage::Cpu(value_cpu)) =
-        (&*key_storage, &*value_storage)
-    else {
+    let mut steps = Vec::new();
+    let mut offset = 0;
+    for (seq, input) in batch.iter_mut().enumerate() {
+        let t = input.tokens.len();
+        if t == 1 {
+            let position = input.cache.len();
+            let mut qs = q[offset * qw..][..qw].to_vec();
+            let mut ks = k[offset * kw..][..kw].to_vec();
+            if let Some((rope, _)) = shape.rope {
+                rope.rotate(&mut qs, position, head_dim);
+                rope.rotate(&mut ks, position, head_dim);
+            }
+            let ks = Tensor::from_vec(ks, (kv_heads, 1, head_dim), &device)?;
+            let vs = Tensor::from_slice(&v[offset * kw..][..kw], (kv_heads, 1, head_dim), &device)?;
+            let (keys, values) = input.cache.append(layer, &ks, &vs)?;
+            let total = position + 1;
+            let first = shape.window.map_or(0, |w| total.saturating_sub(w));
+            steps.push(Step {
+                seq,
+                q: qs,
+                keys,
+                values,
+                first,
+                n: total - first,
+            });
+        }
+        offset += t;
+    }
+    // Every cache's keys and values as host rows: (kv head) -> HeadRows from the first attended
+    // position.
+    let guards: Vec<_> = steps
+        .iter()
+        .map(|s| (s.keys.storage_and_layout(), s.values.storage_and_layout()))
+        .collect();
+    let mut rows: Vec<Vec<(HeadRows<'_>, HeadRows<'_>)>> = Vec::with_capacity(steps.len());
+    for (step, ((key_storage, key_layout), (value_storage, value_layout))) in
+        steps.iter().zip(&guards)
+    {
+        let (keys, values) = (
+            head_rows(key_storage, key_layout, kv_heads, step.first)?,
+            head_rows(value_storage, value_layout, kv_heads, step.first)?,
+        );
+        rows.push(keys.into_iter().zip(values).collect());
+    }
+    let group = heads / kv_heads;
+    let width = group * head_dim;
+    let mut out = vec![0f32; steps.len() * qw];
+    let outp = crate::kernels::SendPtr(out.as_mut_ptr());
+    let unit = |u: usize| {
+        let (s, h) = (u / kv_heads, u % kv_heads);
+        let step = &steps[s];
+        let (keys, values) = rows[s][h];
+        let mut scores = vec![0f32; group * step.n];
+        // SAFETY: unit (s, h) alone writes this slice: its query heads' outputs.
+        let out =
+            unsafe { std::slice::from_raw_parts_mut(outp.get().add(s * qw + h * width), width) };
+        let query = GroupQuery {
+            q: &step.q[h * width..][..width],
+            head_dim,
+            keys,
+            values,
+            n: step.n,
+            scale: shape.scale,
+        };
+        decode_group_attention(query, &mut scores, out);
+    };
+    // Bytes of keys and values read per unit.
+    let longest = steps.iter().map(|s| s.n).max().unwrap_or(0);
+    crate::kernels::parallel_chunks(steps.len() * kv_heads, longest * head_dim * 8, |u0, u1| {
+        (u0..u1).for_each(unit)
+    });
+    let mut outputs = vec![None; batch.len()];
+    for (s, step) in steps.iter().enumerate() {
+        outputs[step.seq] = Some(Tensor::from_slice(&out[s * qw..][..qw], (1, qw), &device)?);
+    }
+    Ok(outputs)
+}
+
+/// A cache tensor (kv_heads, capacity, head_dim) as host rows per head, from position `first`.
+fn head_rows<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &candle_core::Layout,
+    kv_heads: usize,
+    first: usize,
+) -> Result<Vec<HeadRows<'a>>> {
+    let candle_core::Storage::Cpu(cpu) = storage else {
         return Err(crate::Error::invalid(
             "decode attention runs on the CPU only",
         ));
     };
-    let (kd, vd) = (key_cpu.as_slice::<f32>()?, value_cpu.as_slice::<f32>()?);
-    let (ks, vs) = (key_layout.stride(), value_layout.stride());
-    let (k0, v0) = (key_layout.start_offset(), value_layout.start_offset());
-    let group = heads / kv_heads;
-    let outp = crate::kernels::SendPtr(out.as_mut_ptr());
-    let one_head = |h: usize| {
-        let kvh = h / group;
-        let qh = &q[h * head_dim..(h + 1) * head_dim];
-        let mut scores = vec![0f32; total - first];
-        for (s, j) in scores.iter_mut().zip(first..total) {
-            let key = &kd[k0 + kvh * ks[0] + j * ks[1]..][..head_dim];
-            *s = crate::kernels::attention::dot(qh, key) * shape.scale;
-        }
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let sum = crate::kernels::activation::exp_shifted_inplace(&mut scores, max);
-        // SAFETY: head h's slice of `out` is written by this call only.
-        let oh = unsafe { std::slice::from_raw_parts_mut(outp.get().add(h * head_dim), head_dim) };
-        for (p, j) in scores.iter().zip(first..total) {
-            let value = &vd[v0 + kvh * vs[0] + j * vs[1]..][..head_dim];
-            for (o, x) in oh.iter_mut().zip(value) {
-                *o += p * x;
-            }
-        }
-        oh.iter_mut().for_each(|o| *o /= sum);
-    };
-    // Bytes of keys and values read per head.
-    let per_head = (total - first) * head_dim * 8;
-    crate::kernels::parallel_chunks(heads, per_head, |h0, h1| (h0..h1).for_each(one_head));
-    Ok(Tensor::from_vec(out, (1, heads * head_dim), &device)?)
+    let (data, stride) = (cpu.as_slice::<f32>()?, layout.stride());
+    if stride[2] != 1 {
+        return Err(crate::Error::invalid(
+            "the KV cache rows are not contiguous",
+        ));
+    }
+    Ok((0..kv_heads)
+        .map(|h| HeadRows {
+            data: &data[layout.start_offset() + h * stride[0] + first * stride[1]..],
+            stride: stride[1],
+        })
+        .collect())
 }
 
 fn required(value: Option<f32>, name: &str) -> Result<f32> {
