@@ -4,8 +4,8 @@
     /opt/wlpy/bin/python scripts/bench_train_torch.py --model .cache/models/all-MiniLM-L6-v2 \
         --data .cache/data/spam-assassin/train.jsonl --threads 2 --steps 20 --json
 
-BertForSequenceClassification from the encoder directory with a new 2-label head, dropout 0
-(wordloom trains without dropout), eager attention, f32. Examples in file order, batches of
+BertForSequenceClassification from the encoder directory with a new 2-label head, the config's
+dropout (as wordloom; --no-dropout sets every probability to 0), eager attention, f32. Examples in file order, batches of
 --batch-size, each tokenized with truncation to --max-len and padded to the batch's longest;
 AdamW (lr 1e-4, weight decay 0, Trainer's no-decay groups), clipping at 1.0, as the Rust run.
 --precision bf16|f16 runs forward and loss under torch.autocast (f32 master weights), f16 with
@@ -31,15 +31,16 @@ def main():
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-len", type=int, default=96)
     ap.add_argument("--precision", choices=["f32", "bf16", "f16"], default="f32")
+    ap.add_argument("--no-dropout", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(args.model)
+    dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0} if args.no_dropout else {}
     model = BertForSequenceClassification.from_pretrained(
-        args.model, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        attn_implementation="eager")
+        args.model, num_labels=2, attn_implementation="eager", **dropout)
     model.train()
     rows = [json.loads(l) for l in open(args.data, encoding="utf-8") if l.strip()]
     labels = {"ham": 0, "spam": 1}

@@ -47,6 +47,14 @@ pub struct EncoderConfig {
     pub id2label: Option<BTreeMap<String, String>>,
     #[serde(default)]
     pub problem_type: Option<String>,
+    /// Dropout while training (DistilBERT: `dropout`, `attention_dropout`,
+    /// `seq_classif_dropout`); transformers' defaults where absent.
+    #[serde(default, alias = "dropout")]
+    pub hidden_dropout_prob: Option<f32>,
+    #[serde(default, alias = "attention_dropout")]
+    pub attention_probs_dropout_prob: Option<f32>,
+    #[serde(default, alias = "seq_classif_dropout")]
+    pub classifier_dropout: Option<f32>,
 }
 
 fn default_activation() -> String {
@@ -164,6 +172,44 @@ pub struct Encoder {
     activation: Activation,
     dtype: DType,
     device: Device,
+    /// Set while training: dropout masks are drawn, from this seed.
+    dropout: Option<Dropout>,
+}
+
+/// Dropout probabilities of a training pass (transformers' `model.train()`), from the config,
+/// and the seed its masks are drawn from (fixed per micro-batch, so a resumed run draws the
+/// same ones).
+#[derive(Clone, Copy, Debug)]
+struct Dropout {
+    hidden: f32,
+    attention: f32,
+    classifier: f32,
+    seed: u64,
+}
+
+/// Where a dropout mask is drawn, mixed into its seed so that every site gets its own.
+#[derive(Clone, Copy)]
+enum DropoutSite {
+    Embeddings,
+    AttentionProbs(usize),
+    AttentionOutput(usize),
+    FeedForwardOutput(usize),
+    ClassifierInput,
+    ClassifierDense,
+}
+
+impl DropoutSite {
+    fn salt(self) -> u64 {
+        let (kind, layer) = match self {
+            DropoutSite::Embeddings => (1, 0),
+            DropoutSite::AttentionProbs(l) => (2, l),
+            DropoutSite::AttentionOutput(l) => (3, l),
+            DropoutSite::FeedForwardOutput(l) => (4, l),
+            DropoutSite::ClassifierInput => (5, 0),
+            DropoutSite::ClassifierDense => (6, 0),
+        };
+        ((kind << 32) | layer as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
 }
 
 impl Encoder {
@@ -347,7 +393,44 @@ impl Encoder {
             activation,
             dtype,
             device: device.clone(),
+            dropout: None,
         })
+    }
+
+    /// The same encoder in training mode: dropout as the checkpoint's config sets it (BERT's
+    /// defaults 0.1; DistilBERT's classifier 0.2), masks drawn from `seed`.
+    pub fn with_training_dropout(mut self, seed: u64) -> Self {
+        let c = &self.config;
+        let distil = self.flavor == Flavor::DistilBert;
+        let hidden = c.hidden_dropout_prob.unwrap_or(0.1);
+        self.dropout = Some(Dropout {
+            hidden,
+            attention: c.attention_probs_dropout_prob.unwrap_or(0.1),
+            classifier: c
+                .classifier_dropout
+                .unwrap_or(if distil { 0.2 } else { hidden }),
+            seed,
+        });
+        self
+    }
+
+    /// `x` with dropout applied at `site` while training; `x` itself otherwise.
+    fn dropout(&self, x: Tensor, site: DropoutSite) -> Result<Tensor> {
+        let Some(d) = self.dropout else {
+            return Ok(x);
+        };
+        let p = match site {
+            DropoutSite::Embeddings
+            | DropoutSite::AttentionOutput(_)
+            | DropoutSite::FeedForwardOutput(_) => d.hidden,
+            DropoutSite::AttentionProbs(_) => d.attention,
+            DropoutSite::ClassifierInput | DropoutSite::ClassifierDense => d.classifier,
+        };
+        if p <= 0.0 {
+            return Ok(x);
+        }
+        let mask = crate::weights::linear::dropout_mask(x.dims(), p, d.seed ^ site.salt())?;
+        Ok((x * mask.to_dtype(self.dtype)?.to_device(&self.device)?)?)
     }
 
     /// The longest input (special tokens included) the position table allows.
@@ -389,9 +472,9 @@ impl Encoder {
             ))?;
             x = (x + tt)?;
         }
-        x = e.norm.forward(&x)?;
-        for block in &self.blocks {
-            x = self.block(block, &x, &lengths, mask_bias.as_ref())?;
+        x = self.dropout(e.norm.forward(&x)?, DropoutSite::Embeddings)?;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            x = self.block(block, layer, &x, &lengths, mask_bias.as_ref())?;
         }
         Ok(x)
     }
@@ -399,25 +482,32 @@ impl Encoder {
     fn block(
         &self,
         block: &Block,
+        layer: usize,
         x: &Tensor,
         lengths: &[usize],
         mask_bias: Option<&Tensor>,
     ) -> Result<Tensor> {
         let qkv = block.qkv.forward(x)?;
-        let context = self.attention(&qkv, lengths, mask_bias)?;
-        let attended = block
-            .attention_norm
-            .forward(&(block.attention_out.forward(&context)? + x)?)?;
+        let context = self.attention(&qkv, layer, lengths, mask_bias)?;
+        let mut projected = block.attention_out.forward(&context)?;
+        // DistilBERT has no dropout on its attention output projection.
+        if self.flavor != Flavor::DistilBert {
+            projected = self.dropout(projected, DropoutSite::AttentionOutput(layer))?;
+        }
+        let attended = block.attention_norm.forward(&(projected + x)?)?;
         let inner = self.activation.forward(&block.ffn_in.forward(&attended)?)?;
-        block
-            .output_norm
-            .forward(&(block.ffn_out.forward(&inner)? + attended)?)
+        let output = self.dropout(
+            block.ffn_out.forward(&inner)?,
+            DropoutSite::FeedForwardOutput(layer),
+        )?;
+        block.output_norm.forward(&(output + attended)?)
     }
 
     /// Self-attention over each sequence's unpadded keys: (b, t, 3h) fused projections -> (b, t, h).
     fn attention(
         &self,
         qkv: &Tensor,
+        layer: usize,
         lengths: &[usize],
         mask_bias: Option<&Tensor>,
     ) -> Result<Tensor> {
@@ -451,6 +541,7 @@ impl Encoder {
         } else {
             candle_nn::ops::softmax_last_dim(&scores)?
         };
+        let probs = self.dropout(probs, DropoutSite::AttentionProbs(layer))?;
         Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, h))?)
     }
 
@@ -545,9 +636,15 @@ impl Encoder {
             unreachable!("head kind checked above");
         };
         let mut x = hidden.narrow(1, 0, 1)?.squeeze(1)?;
+        // RoBERTa's head drops out before its dense layer too; BERT's pooler and DistilBERT's
+        // pre_classifier come before the only dropout.
+        if self.flavor == Flavor::Roberta {
+            x = self.dropout(x, DropoutSite::ClassifierDense)?;
+        }
         if let Some((dense, act)) = pre {
             x = act.forward(&dense.forward(&x)?)?;
         }
+        x = self.dropout(x, DropoutSite::ClassifierInput)?;
         Ok(classifier.forward(&x)?.to_dtype(DType::F32)?)
     }
 

@@ -248,10 +248,10 @@ impl Task for ClassifierTask {
         &self.params
     }
 
-    fn loss(&self, indices: &[usize], _seed: u64) -> Result<(Tensor, usize)> {
+    fn loss(&self, indices: &[usize], seed: u64) -> Result<(Tensor, usize)> {
         let rows: Vec<_> = indices.iter().map(|&i| &self.train[i]).collect();
         let (inputs, targets, tokens) = self.batch(&rows)?;
-        let model = self.model()?;
+        let model = self.model()?.with_training_dropout(seed);
         let logits = model.sequence_logits(&model.forward(&inputs)?)?;
         Ok((candle_nn::loss::cross_entropy(&logits, &targets)?, tokens))
     }

@@ -369,7 +369,7 @@ impl LoraAdapter {
 }
 
 /// Inverted dropout: each element kept with probability 1 - p and scaled by 1 / (1 - p).
-fn dropout_mask(dims: &[usize], p: f32, seed: u64) -> Result<Tensor> {
+pub fn dropout_mask(dims: &[usize], p: f32, seed: u64) -> Result<Tensor> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let keep = 1.0 / (1.0 - p);
