@@ -41,7 +41,7 @@ pub struct TrainOptions {
     pub seed: u64,
     pub save_every: Option<u64>,
     pub eval_every: Option<u64>,
-    /// Compute dtype of the passes (the tasks build their models in it).
+    /// Mixed precision: the dtype the tasks' linear layers multiply in (autocast).
     #[serde(default)]
     pub precision: Precision,
 }
