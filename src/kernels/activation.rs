@@ -28,6 +28,13 @@ pub fn gelu_tanh_inplace(values: &mut [f32]) {
     }
 }
 
+/// Softmax in place: `values` become e^(v − max) / Σ.
+pub fn softmax_inplace(values: &mut [f32]) {
+    let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let inverse = 1.0 / exp_shifted_inplace(values, max);
+    values.iter_mut().for_each(|p| *p *= inverse);
+}
+
 /// `v ← e^(v − max)` in place (softmax numerators); returns their sum. The vector path's
 /// exponential is within ~2e-7 relative of libm's.
 pub fn exp_shifted_inplace(values: &mut [f32], max: f32) -> f32 {

@@ -146,13 +146,12 @@ pub fn decode_group_attention(query: GroupQuery<'_>, scores: &mut [f32], out: &m
     }
 }
 
-/// Each head's scores become softmax weights (numerators divided by their sum).
+/// Each head's scores become softmax weights.
 fn normalize_scores(scores: &mut [f32], group: usize, n: usize) {
-    for head in scores.chunks_exact_mut(n).take(group) {
-        let max = head.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let inverse = 1.0 / super::activation::exp_shifted_inplace(head, max);
-        head.iter_mut().for_each(|p| *p *= inverse);
-    }
+    scores
+        .chunks_exact_mut(n)
+        .take(group)
+        .for_each(super::activation::softmax_inplace);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -214,7 +213,7 @@ mod x86 {
 }
 
 /// Dot product in 8 independent lanes, so the compiler can keep it in vector registers.
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (ac, ar) = a.split_at(a.len() / 8 * 8);
     let (bc, br) = b.split_at(ac.len());

@@ -472,9 +472,7 @@ fn prefill_attention_host(
             let first = shape.window.map_or(0, |w| (pos + 1).saturating_sub(w));
             let visible = &mut row[first..=pos];
             visible.iter_mut().for_each(|s| *s *= shape.scale);
-            let max = visible.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let inv = 1.0 / crate::kernels::activation::exp_shifted_inplace(visible, max);
-            visible.iter_mut().for_each(|p| *p *= inv);
+            crate::kernels::activation::softmax_inplace(visible);
             row[..first].fill(0.0);
             row[pos + 1..].fill(0.0);
         };

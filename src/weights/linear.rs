@@ -183,13 +183,7 @@ impl Linear {
     /// The stored weights' product, x2 (rows, in) -> (rows, out).
     fn frozen_forward(&self, x2: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
-            LinearWeight::Dense(w) => match self.autocast {
-                Some(dtype) if dtype != x2.dtype() => x2
-                    .to_dtype(dtype)?
-                    .matmul(&w.to_dtype(dtype)?.t()?)?
-                    .to_dtype(x2.dtype())?,
-                _ => x2.matmul(&w.t()?)?,
-            },
+            LinearWeight::Dense(w) => product(x2, w, self.autocast)?,
             // Our kernels leave the autograd graph; a frozen layer under a trainable one (LoRA)
             // still has to pass the gradient on to its input.
             _ if x2.track_op() => {
@@ -356,16 +350,21 @@ impl LoraAdapter {
             }
             None => (self.a.detach(), self.b.detach(), x2.to_dtype(DType::F32)?),
         };
-        let update = match self.autocast {
-            Some(dtype) => x
-                .to_dtype(dtype)?
-                .matmul(&a.to_dtype(dtype)?.t()?)?
-                .matmul(&b.to_dtype(dtype)?.t()?)?
-                .to_dtype(DType::F32)?,
-            None => x.matmul(&a.t()?)?.matmul(&b.t()?)?,
-        };
+        let update = product(&product(&x, &a, self.autocast)?, &b, self.autocast)?;
         Ok((update * self.scale)?)
     }
+}
+
+/// `x wᵀ`, multiplied in `autocast`'s dtype where one is set (mixed precision); the result in
+/// x's dtype.
+fn product(x: &Tensor, w: &Tensor, autocast: Option<DType>) -> Result<Tensor> {
+    Ok(match autocast {
+        Some(dtype) if dtype != x.dtype() => x
+            .to_dtype(dtype)?
+            .matmul(&w.to_dtype(dtype)?.t()?)?
+            .to_dtype(x.dtype())?,
+        _ => x.matmul(&w.t()?)?,
+    })
 }
 
 /// Inverted dropout: each element kept with probability 1 - p and scaled by 1 / (1 - p).
