@@ -58,9 +58,10 @@ Needs torch, transformers (>= 5), sentencepiece, safetensors. No network (HF_HUB
 --model DIR --sentences FILE (benchmark)
   torch.set_num_threads(--threads), torch.set_num_interop_threads(1); MarianMTModel loaded in
   float32 with attn_implementation="eager" (--attn sdpa to compare), eval(), everything under
-  torch.inference_mode(); MarianTokenizer. Every non-empty line of FILE (--limit N: the first N)
-  is translated alone (batch size 1, as `wordloom translate` does):
-      model.generate(**tok(s, return_tensors="pt"), num_beams=--beams,
+  torch.inference_mode(); MarianTokenizer. The non-empty lines of FILE (--limit N: the first N)
+  are translated --batch-size at a time (default 1: each alone), in file order, as
+  `wordloom translate --batch-size` groups them:
+      model.generate(**tok(batch, return_tensors="pt", padding=True), num_beams=--beams,
                      max_new_tokens=--max-new-tokens)
   with everything else from the checkpoint's generation_config.json (renormalize_logits,
   bad_words_ids, forced_eos, length_penalty 1, early_stopping false, ...), then decoded with
@@ -258,24 +259,34 @@ def cmd_bench(args):
     eos = eos[0] if isinstance(eos, list) else eos
     vocab = tok.vocab_size  # len(vocab.json): 296 for the tiny-marian tokenizer files
 
-    def translate(s):
-        out = model.generate(**tok(s, return_tensors="pt"), num_beams=args.beams,
-                             max_new_tokens=args.max_new_tokens)
+    pad = model.generation_config.pad_token_id
+
+    def translate(batch):
+        out = model.generate(**tok(batch, return_tensors="pt", padding=True),
+                             num_beams=args.beams, max_new_tokens=args.max_new_tokens)
+        rows = []
+        for row in out.tolist():
+            # a batch pads shorter outputs after their EOS; the decoder start token is first
+            while len(row) > 1 and row[-1] == pad:
+                row.pop()
+            rows.append(row)
         # ids past the tokenizer's vocabulary decode to nothing (transformers' MarianTokenizer
         # would look them up in the spm model and raise)
-        ids = [i for i in out[0].tolist() if i < vocab]
-        return out, tok.decode(ids, skip_special_tokens=True)
+        texts = [tok.decode([i for i in r if i < vocab], skip_special_tokens=True) for r in rows]
+        return rows, texts
 
     lengths, early, last_eos = [], 0, 0
+    size = max(1, args.batch_size)
     with torch.inference_mode():
-        translate(sentences[0])  # warm-up, not counted
+        translate(sentences[:size])  # warm-up, not counted
         t = time.perf_counter()
-        for s in sentences:
-            out, _text = translate(s)
-            n = out.shape[1] - 1  # minus the decoder start token
-            lengths.append(n)
-            early += n < args.max_new_tokens
-            last_eos += int(out[0, -1]) == eos
+        for first in range(0, len(sentences), size):
+            rows, _texts = translate(sentences[first:first + size])
+            for row in rows:
+                n = len(row) - 1  # minus the decoder start token
+                lengths.append(n)
+                early += n < args.max_new_tokens
+                last_eos += row[-1] == eos
         total = time.perf_counter() - t
 
     report = {
@@ -287,7 +298,7 @@ def cmd_bench(args):
         "interop_threads": torch.get_num_interop_threads(),
         "beams": args.beams,
         "max_new_tokens": args.max_new_tokens,
-        "batch_size": 1,
+        "batch_size": size,
         "sentences_per_second": len(sentences) / total,
         "total_seconds": total,
         "mean_generated_tokens": sum(lengths) / len(lengths),
@@ -308,7 +319,7 @@ def cmd_bench(args):
     else:
         print(f"model      {report['model']}")
         print(f"threads    {report['threads']} (interop {report['interop_threads']}), "
-              f"beams {args.beams}, max new tokens {args.max_new_tokens}")
+              f"beams {args.beams}, max new tokens {args.max_new_tokens}, batch {size}")
         print(f"speed      {report['sentences_per_second']:.3f} sentences/s "
               f"({len(sentences)} sentences in {total:.2f} s)")
         print(f"generated  {report['mean_generated_tokens']:.1f} tokens per sentence "
@@ -337,6 +348,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--beams", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=1, help="sentences per generate call")
     ap.add_argument("--attn", choices=["eager", "sdpa"], default="eager")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()

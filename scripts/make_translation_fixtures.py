@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Generate the reference fixtures for encoder-decoder translation parity (Marian / opus-mt,
-T5 / Flan-T5, M2M100) of wordloom against Python `transformers`.
+T5 / Flan-T5, M2M100, NLLB-200) of wordloom against Python `transformers`.
 
 Run by hand from anywhere:
 
-    /opt/wlpy/bin/python scripts/make_translation_fixtures.py [--only marian,t5,m2m100] [--threads 1]
+    /opt/wlpy/bin/python scripts/make_translation_fixtures.py [--only marian,t5,m2m100,nllb] [--threads 1]
 
---only builds just the named fixtures (marian, t5, m2m100; the directory names tiny-marian,
-tiny-t5, tiny-m2m100 are accepted too) and leaves every other fixture untouched.
+--only builds just the named fixtures (marian, t5, m2m100, nllb; the directory names tiny-marian,
+tiny-t5, tiny-m2m100, tiny-nllb are accepted too) and leaves every other fixture untouched.
+Rebuild only the NLLB fixture:
+
+    /opt/wlpy/bin/python scripts/make_translation_fixtures.py --only nllb --threads 1
 
 Needs: torch, transformers (>= 5), sentencepiece (+ protobuf for its model proto), tokenizers,
 safetensors, numpy. Runs on CPU in float32 with one thread (torch.set_num_threads(1)),
@@ -15,7 +18,7 @@ torch.use_deterministic_algorithms(True), attn_implementation="eager", fixed see
 network access (HF_HUB_OFFLINE=1). Every output is byte-for-byte deterministic (re-running
 gives identical files; the sha256 of every file was compared over two runs).
 
-Tokenizers. The three SentencePiece models are trained here (sentencepiece Python package,
+Tokenizers. The SentencePiece models are trained here (sentencepiece Python package,
 num_threads=1, no shuffling) on a few hundred short English / German / French sentences the
 script generates from templates (corpus() below; plenty of é, è, ê, ë, ü, ö, ä, ß, ç, ï ...).
 The published checkpoints' SentencePiece models use the "nmt_nfkc" normalization, whose
@@ -23,11 +26,12 @@ precompiled charsmap alone is ~237 KB, so these use a small user-defined rule se
 (NORM_RULES: NFC composition of base letter + combining grave / acute / circumflex / tilde /
 diaeresis / cedilla, full-width ! , . : ? -> ASCII, no-break / ideographic spaces -> " ",
 ligatures ff fi fl ffi ffl -> letters, "…" -> "..."; spec name "user_defined", precompiled_charsmap
-non-empty). All three keep SentencePiece's defaults add_dummy_prefix=true,
+non-empty). All keep SentencePiece's defaults add_dummy_prefix=true,
 remove_extra_whitespaces=true, character_coverage=1.0 (characters never seen in training,
 e.g. "€", are unknown).
 
-Outputs (all under tests/fixtures/, each directory regenerated from scratch, each < 300 KB):
+Outputs (all under tests/fixtures/, each directory regenerated from scratch, each < 300 KB
+except tiny-nllb < 400 KB):
 
   tiny-marian/   MarianMTModel laid out like a Helsinki-NLP/opus-mt-* repo (no tokenizer.json,
                  no special_tokens_map.json):
@@ -88,6 +92,35 @@ Outputs (all under tests/fixtures/, each directory regenerated from scratch, eac
                              100 __xx__ tokens, language_codes m2m100, num_madeup_words 8,
                              src_lang/tgt_lang null, model_max_length 1024, tokenizer_class.
     reference.json
+  tiny-nllb/     M2M100ForConditionalGeneration laid out like facebook/nllb-200-distilled-600M (NO vocab.json:
+                 the ids come from tokenizer.json):
+    config.json              as tiny-m2m100's (d_model 32, 2+2 layers, 4 heads, ffn 64, scale_embedding, relu,
+                             pre-norm, tied shared/lm_head, pad 1, bos 0, eos 2, decoder_start 2), layerdrop 0 as
+                             nllb-200, max_position_embeddings 256 (>= max_length 200, as nllb-200's 1024; the
+                             sinusoidal table is not stored), vocab_size = len(tokenizer) = 404 (nllb-200 itself
+                             has 256206 = 256204 + 2 unused rows), plus the keys nllb-200's config.json carries:
+                             max_length 200, num_hidden_layers, tokenizer_class NllbTokenizer.
+    generation_config.json   like nllb-200-distilled-600M's: bos 0, decoder_start 2, eos 2, pad 1, max_length 200
+                             (no num_beams: greedy by default).
+    model.safetensors        float32.
+    sentencepiece.bpe.model  SentencePiece BPE, 200 pieces, trained on EN+DE+FR (as tiny-m2m100's).
+    tokenizer.json           as transformers 5's NllbTokenizer (tokenizers backend, NllbConverter vocab) writes it:
+                             BPE vocab <s>=0 <pad>=1 </s>=2 <unk>=3, spm piece i (i >= 3) at i + 1; added tokens:
+                             those 4, the 202 nllb language codes (FAIRSEQ_LANGUAGE_CODES order, special) at
+                             201..402 (eng_Latn 247, fra_Latn 257, deu_Latn 242), <mask>=403 last (built without
+                             mask, then added, since transformers 5 would put it before the codes); normalizer
+                             Precompiled + Replace(" {2,}" -> " "), Metaspace(prepend always, split), post_processor
+                             TemplateProcessing [eng_Latn] $A </s> (non-legacy; src_lang replaces it).
+    tokenizer_config.json    hub (transformers 4) layout, by hand: additional_special_tokens = the 202 codes,
+                             legacy_behaviour false, src_lang/tgt_lang null, mask_token as an __type AddedToken dict
+                             (lstrip), model_max_length 1024, sp_model_kwargs {}, tokenizer_class NllbTokenizer.
+    special_tokens_map.json  the hub's: bos/cls/eos/mask/pad/sep/unk + additional_special_tokens.
+    reference.json           cases eng_Latn -> fra_Latn (forced_bos fra_Latn), case_tgt_deu (SOURCES[0] ->
+                             deu_Latn), case_src_fra (a French corpus sentence, src_lang fra_Latn -> eng_Latn);
+                             every source is asserted to be [src_lang id] + pieces + [</s>]. Cases carry
+                             sentencepiece_pieces_equal: the tokenizer.json pipeline differs from the spm library
+                             on sentence 2 (trailing space kept as a final "▁" piece; "€" shown as <unk>). The random
+                             model often emits language codes mid-sequence (special: decoded text "").
 
 reference.json (see its "schema" key): for 4 source sentences (one with accents incl. a
 decomposed "é", one with extra spaces / punctuation / an unknown character; T5 sentences carry
@@ -97,13 +130,13 @@ source ids and pieces, the encoder output of sentence 0, the step-0 decoder log-
 sentence 0, greedy / beam / default-config generate() outputs (ids, texts, sequences_scores),
 the generation settings that came from generation_config.json, and every warning transformers
 emitted. The weights are random (untrained): outputs are gibberish and repetitive. EOS is made
-reachable where needed with a documented tweak (Marian: final_logits_bias[eos] += 3; M2M100: the
-tied embedding / output row of EOS scaled x2.5; T5: none needed with its seed) so that some beam
+reachable where needed with a documented tweak (Marian: final_logits_bias[eos] += 3; M2M100 and
+NLLB: the tied embedding / output row of EOS scaled x2.5; T5: none needed with its seed) so that some beam
 hypotheses end with EOS early while others run to the length limit (asserted). Checks asserted
 before writing: the reloaded weights equal the saved ones; every greedy / beam result is unchanged
 when re-run with 1e-4 noise on the processed scores (no near-ties that f32 rounding could flip);
 every beam sequences_scores value equals a teacher-forced re-scoring (sum of processed log-probs /
-generated_length ** length_penalty, to 2e-5); each directory is < 300 KB.
+generated_length ** length_penalty, to 2e-5); each directory is < 300 KB (tiny-nllb < 400 KB).
 
 Floats that are float32 values are written in their shortest float32 round-trip decimal form.
 """
@@ -779,12 +812,12 @@ def check_eos_paths(cases, eos, max_new, key="beam"):
     return early, maxlen
 
 
-def finish(out, ref):
+def finish(out, ref, limit=300_000):
     write_json(out / "reference.json", ref)
     total = 0
     for p in sorted(out.iterdir()):
         total += p.stat().st_size
-    assert total < 300_000, f"{out.name}: {total} bytes"
+    assert total < limit, f"{out.name}: {total} bytes"
     print(f"[{out.name}] {total} bytes: " + ", ".join(f"{p.name}={p.stat().st_size}" for p in sorted(out.iterdir())))
 
 
@@ -1271,14 +1304,299 @@ def build_m2m100():
 
 
 # --------------------------------------------------------------------------
+# NLLB (nllb-200 layout: M2M100 model, tokenizer.json ids, no vocab.json)
+# --------------------------------------------------------------------------
+
+NLLB_SPM_VOCAB = 200
+NLLB_EOS_SCALE = 2.5
+NLLB_STD, NLLB_EMB_STD = 0.25, 0.5
+NLLB_SRC, NLLB_TGT, NLLB_TGT2 = "eng_Latn", "fra_Latn", "deu_Latn"
+NLLB_FR_SOURCE = "La fenêtre de l'église est très belle."  # corpus("fr") line, for the fra_Latn -> eng_Latn case
+# generation_config max_length 200 (as nllb-200) must stay inside the sinusoidal table (not stored: costs no bytes),
+# as 200 < 1024 does for nllb-200; with 64, transformers silently grows the table past the configured size
+NLLB_MAX_POS = 256
+NLLB_SIZE_LIMIT = 400_000  # 404-token vocab + 202-entry tokenizer files: a bit above the 300 KB of the others
 
 
-BUILDERS = {"marian": build_marian, "t5": build_t5, "m2m100": build_m2m100}
+def redact_charsmap(obj):
+    """tokenizer.json normalizer with every precompiled_charsmap replaced by '<N base64 chars>'."""
+    if isinstance(obj, dict):
+        return {k: (f"<{len(v)} base64 chars>" if k == "precompiled_charsmap" else redact_charsmap(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact_charsmap(v) for v in obj]
+    return obj
+
+
+def build_nllb():
+    import sentencepiece as spm
+    from transformers import AddedToken, AutoTokenizer, M2M100Config, M2M100ForConditionalGeneration, NllbTokenizer
+    from transformers.models.nllb.tokenization_nllb import FAIRSEQ_LANGUAGE_CODES
+
+    out = FIX / "tiny-nllb"
+    fresh_dir(out)
+    reset_warning_once()
+    capture = Capture(out)
+    # SEED + 314: of the offsets 300..323 tried (EOS scale 2.5), the first whose greedy outputs never just repeat the
+    # forced language token and whose beams / default generations end both with EOS and at the length limit
+    seed = SEED + 314
+    codes = list(FAIRSEQ_LANGUAGE_CODES)
+    assert len(codes) == 202 and NLLB_FR_SOURCE in corpus("fr")
+    langs = {lang: corpus(lang) for lang in ("en", "de", "fr")}
+    lines = langs["en"] + langs["de"] + langs["fr"]
+    with tempfile.TemporaryDirectory() as td:
+        proto = train_spm(lines, "bpe", NLLB_SPM_VOCAB, td)
+        src = Path(td) / "spm"
+        src.mkdir()
+        (src / "sentencepiece.bpe.model").write_bytes(proto)
+        # tokenizer.json as transformers 5's NllbTokenizer (tokenizers backend, NllbConverter vocab) serializes it.
+        # The language codes must be passed explicitly: from_pretrained() of a directory holding only the spm model
+        # adds none of them (eng_Latn -> <unk>). <mask> is left out at construction (transformers 5 would put it at
+        # id 201, BEFORE the language codes) and added afterwards so that it comes last, as in nllb-200 (256203).
+        with capture("NllbTokenizer.from_pretrained(dir with only sentencepiece.bpe.model)"):
+            tok0 = NllbTokenizer.from_pretrained(str(src), additional_special_tokens=codes, mask_token=None)
+            tok0.add_special_tokens({"mask_token": AddedToken("<mask>", lstrip=True, rstrip=False, normalized=True,
+                                                              single_word=False, special=True)})
+        saved = Path(td) / "saved"
+        with capture("NllbTokenizer.save_pretrained"):
+            tok0.save_pretrained(str(saved))
+        (out / "tokenizer.json").write_bytes((saved / "tokenizer.json").read_bytes())
+    (out / "sentencepiece.bpe.model").write_bytes(proto)
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    assert [sp.id_to_piece(i) for i in range(3)] == ["<unk>", "<s>", "</s>"]
+
+    # ---- tokenizer.json id layout (fairseq: spm id + 1, then language codes, then <mask>)
+    tj = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    tj_vocab = tj["model"]["vocab"]
+    assert tj["model"]["type"] == "BPE"
+    head = ["<s>", "<pad>", "</s>", "<unk>"]
+    assert [tj_vocab[t] for t in head] == [0, 1, 2, 3]
+    for i in range(3, sp.get_piece_size()):
+        assert tj_vocab[sp.id_to_piece(i)] == i + 1, (i, sp.id_to_piece(i))
+    n_base = sp.get_piece_size() + 1
+    assert len(tj_vocab) == n_base
+    added = {a["content"]: a for a in tj["added_tokens"]}
+    assert [a["content"] for a in tj["added_tokens"]] == head + codes + ["<mask>"]
+    for k, c in enumerate(codes):
+        assert added[c]["id"] == n_base + k and added[c]["special"] and not added[c]["normalized"], c
+    mask_id = n_base + len(codes)
+    assert added["<mask>"]["id"] == mask_id
+    pp = tj["post_processor"]
+    assert pp["type"] == "TemplateProcessing"
+    assert [next(iter(x.values()))["id"] for x in pp["single"]] == [NLLB_SRC, "A", "</s>"], pp["single"]
+    assert pp["special_tokens"][NLLB_SRC]["ids"] == [added[NLLB_SRC]["id"]]
+    V = mask_id + 1
+
+    # ---- tokenizer_config.json / special_tokens_map.json in the hub (transformers 4) layout, by hand: transformers
+    # 5's save_pretrained writes "backend", "extra_special_tokens" (instead of additional_special_tokens),
+    # "src_lang": "eng_Latn", the load-time flags is_local / local_files_only and a 1e30 model_max_length.
+    mask_json = {"__type": "AddedToken", "content": "<mask>", "lstrip": True, "normalized": True, "rstrip": False,
+                 "single_word": False}
+    tcfg = {
+        "additional_special_tokens": codes, "bos_token": "<s>", "cls_token": "<s>", "eos_token": "</s>",
+        "legacy_behaviour": False, "mask_token": mask_json, "model_max_length": 1024, "pad_token": "<pad>",
+        "sep_token": "</s>", "sp_model_kwargs": {}, "src_lang": None, "tgt_lang": None,
+        "tokenizer_class": "NllbTokenizer", "unk_token": "<unk>",
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2) + "\n")
+    stmap = {
+        "additional_special_tokens": codes, "bos_token": "<s>", "cls_token": "<s>", "eos_token": "</s>",
+        "mask_token": {k: v for k, v in mask_json.items() if k != "__type"}, "pad_token": "<pad>", "sep_token": "</s>",
+        "unk_token": "<unk>",
+    }
+    (out / "special_tokens_map.json").write_text(json.dumps(stmap, indent=2) + "\n")
+
+    cfg = M2M100Config(
+        vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=NLLB_MAX_POS,
+        scale_embedding=True, activation_function="relu", dropout=0.1, attention_dropout=0.1,
+        activation_dropout=0.0, encoder_layerdrop=0.0, decoder_layerdrop=0.0, pad_token_id=1, bos_token_id=0,
+        eos_token_id=2, decoder_start_token_id=2, tie_word_embeddings=True,
+        architectures=["M2M100ForConditionalGeneration"],
+    )
+    torch.manual_seed(seed)
+    model = M2M100ForConditionalGeneration(cfg).eval()
+    init_weights(model, seed + 1, std=NLLB_STD, emb_std=NLLB_EMB_STD)
+    with torch.no_grad():
+        model.model.shared.weight[1].zero_()  # fairseq's <pad> embedding row stays 0
+        model.model.shared.weight[2] *= NLLB_EOS_SCALE
+    assert model.lm_head.weight.data_ptr() == model.model.shared.weight.data_ptr()
+    save_model(model, out)
+    gen_values = {"bos_token_id": 0, "decoder_start_token_id": 2, "eos_token_id": 2, "max_length": 200,
+                  "pad_token_id": 1}
+    gen_written = write_gen_config(out, gen_values)
+    # what nllb-200-distilled-600M's config.json carries besides the M2M100Config values
+    legacy = {"max_length": 200, "num_hidden_layers": 2, "tokenizer_class": "NllbTokenizer"}
+    patch_config(out, set_keys=legacy)
+    for name in ("vocab.json", "added_tokens.json"):
+        assert not (out / name).exists(), name
+
+    # ---- reload from disk
+    with capture("AutoTokenizer.from_pretrained"):
+        tok = AutoTokenizer.from_pretrained(str(out))
+    assert type(tok).__name__ == "NllbTokenizer", type(tok)
+    assert tok.src_lang == NLLB_SRC and tok.legacy_behaviour is False
+    lang_ids = {c: tok.convert_tokens_to_ids(c) for c in (NLLB_SRC, NLLB_TGT, NLLB_TGT2)}
+    for c, i in lang_ids.items():
+        assert i == added[c]["id"], (c, i, added[c]["id"])
+    assert tok.convert_tokens_to_ids("fra_Latn") == added["fra_Latn"]["id"]
+    assert (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, tok.mask_token_id) == \
+        (0, 1, 2, 3, mask_id)
+    assert len(tok) == V, (len(tok), V)
+    assert set(codes) <= set(tok.all_special_tokens), "language codes did not load as special tokens"
+    assert tok.decode([lang_ids[NLLB_TGT], 2], skip_special_tokens=True) == ""
+    m, info = load_model(out, capture)
+    assert type(m).__name__ == "M2M100ForConditionalGeneration"
+    assert not info, info
+    assert m.config.vocab_size == len(tok)
+    sd0, sd1 = model.state_dict(), m.state_dict()
+    for k in sd0:
+        assert torch.equal(sd0[k], sd1[k]), k
+    en_id, fr, de = lang_ids[NLLB_SRC], lang_ids[NLLB_TGT], lang_ids[NLLB_TGT2]
+
+    def check_source(case, src_id):
+        ids = case["source_ids"]
+        assert ids == [src_id] + tok.convert_tokens_to_ids(case["source_pieces"]) + [2], (ids, case["source_pieces"])
+
+    cases, calls, calls_de, calls_fr = [], {}, {}, {}
+    for i, text in enumerate(SOURCES):
+        cases.append(sentence_reference(m, tok, text, capture, i, eos=2, dec_start=2, calls=calls, forced_bos=fr,
+                                        extra_gen={"forced_bos_token_id": fr}, first_step=(i == 0), sp=sp))
+    de_case = sentence_reference(m, tok, SOURCES[0], capture, 0, eos=2, dec_start=2, calls=calls_de, forced_bos=de,
+                                 extra_gen={"forced_bos_token_id": de}, first_step=True, label=" (tgt deu_Latn)",
+                                 sp=sp)
+    for c in cases + [de_case]:
+        check_source(c, en_id)
+    # fra_Latn -> eng_Latn: setting src_lang replaces the post-processor with [fra_Latn] $A </s>
+    tok.src_lang = NLLB_TGT
+    fr_case = sentence_reference(m, tok, NLLB_FR_SOURCE, capture, len(SOURCES), eos=2, dec_start=2, calls=calls_fr,
+                                 forced_bos=en_id, extra_gen={"forced_bos_token_id": en_id}, first_step=True,
+                                 label=" (src fra_Latn, tgt eng_Latn)", sp=sp)
+    check_source(fr_case, fr)
+    tok.src_lang = NLLB_SRC
+    early, maxlen = check_eos_paths(cases + [de_case, fr_case], 2, NEW_TOKENS)
+    assert early >= 1 and maxlen >= 1, (early, maxlen)
+
+    keys, meta = safetensors_keys(out / "model.safetensors")
+    ref = {
+        "model": "tiny-nllb",
+        "architecture": type(m).__name__,
+        "tokenizer_class": type(tok).__name__,
+        "versions": all_versions(),
+        "compute": {"dtype": "float32", "torch_num_threads": torch.get_num_threads(), "attn_implementation": "eager"},
+        "src_lang": NLLB_SRC,
+        "tgt_lang": NLLB_TGT,
+        "forced_bos_token_id": fr,
+        "lang_ids": lang_ids,
+        "special_tokens": {
+            "bos": {"id": 0, "token": "<s>"}, "pad": {"id": 1, "token": "<pad>"}, "eos": {"id": 2, "token": "</s>"},
+            "unk": {"id": 3, "token": "<unk>"}, "mask": {"id": mask_id, "token": "<mask>"},
+            "decoder_start": {"id": 2, "token": "</s>"},
+            "tokenizer_adds": "source = [src_lang code] + pieces + [</s>] (legacy_behaviour false, asserted for every "
+                              "case); tokenizer.json's post_processor is TemplateProcessing single [eng_Latn, $A, "
+                              "</s>] (pair [eng_Latn, $A, $B, </s>]); setting tokenizer.src_lang = X replaces it with "
+                              "the same template for X (case_src_fra). legacy_behaviour true would give pieces + "
+                              "[</s>, src_lang] instead.",
+            "layout": f"<s>=0 <pad>=1 </s>=2 <unk>=3, spm piece i (i >= 3) at i + 1 (fairseq offset; spm's own "
+                      f"<unk>/<s>/</s> = 0/1/2 are not repeated), {len(codes)} language codes "
+                      f"(FAIRSEQ_LANGUAGE_CODES order) at {n_base}..{n_base + len(codes) - 1} (added_tokens, special, "
+                      f"normalized false), <mask>={mask_id} last (lstrip, normalized true); len(tokenizer) = "
+                      f"model vocab_size = {V}",
+        },
+        "spm": {"sentencepiece.bpe.model": spm_info(proto)},
+        "tokenizer_json": {
+            "normalizer": redact_charsmap(tj["normalizer"]),
+            "pre_tokenizer": tj["pre_tokenizer"],
+            "post_processor": tj["post_processor"],
+            "decoder": tj["decoder"],
+            "model_type": tj["model"]["type"], "model_vocab_size": len(tj_vocab),
+            "num_merges": len(tj["model"]["merges"]), "unk_token": tj["model"].get("unk_token"),
+            "fuse_unk": tj["model"].get("fuse_unk"), "byte_fallback": tj["model"].get("byte_fallback"),
+            "num_added_tokens": len(tj["added_tokens"]),
+            "added_tokens_abridged": [{"id": a["id"], "content": a["content"], "special": a["special"],
+                                       "normalized": a["normalized"], "lstrip": a["lstrip"]}
+                                      for a in tj["added_tokens"][:5] + tj["added_tokens"][-2:]],
+        },
+        "vocab_layout": {
+            "tokenizer_size": len(tok), "model_vocab_size": V, "tokenizer_json_model_vocab": len(tj_vocab),
+            "description": "no vocab.json: ids come from tokenizer.json (BPE model vocab = <s> <pad> </s> <unk> + spm "
+                           "pieces 3.. at spm id + 1; added_tokens = those 4 + the 202 language codes + <mask>). "
+                           "model vocab_size = len(tokenizer) (no madeup words). nllb-200-distilled-600M itself has "
+                           "vocab_size 256206 = len(tokenizer) 256204 + 2 unused rows.",
+        },
+        "tokenizer_config_json": "written by hand in the transformers 4 / hub layout: additional_special_tokens = the "
+                                 "202 codes (FAIRSEQ_LANGUAGE_CODES order), legacy_behaviour false, src_lang / "
+                                 "tgt_lang null (the tokenizer then defaults to eng_Latn), mask_token as an "
+                                 "{'__type': 'AddedToken', lstrip: true, normalized: true} dict, model_max_length "
+                                 "1024, sp_model_kwargs {}, tokenizer_class NllbTokenizer; special_tokens_map.json "
+                                 "repeats the special tokens. transformers 5's save_pretrained() writes "
+                                 "extra_special_tokens, backend, src_lang eng_Latn, is_local / local_files_only and "
+                                 "model_max_length 1e30 instead. Reloaded with AutoTokenizer: language codes special "
+                                 "(asserted), ids equal to tokenizer.json's (asserted).",
+        "weights": {
+            "init": f"torch.manual_seed({seed}) then init_weights(seed={seed + 1}): 2-D weights N(0, 0.25^2), shared "
+                    "N(0, 0.5^2), LayerNorm weight 1+N(0, 0.1^2) / bias N(0, 0.1^2), linear biases N(0, 0.1^2); "
+                    "shared[pad=1] = 0",
+            "eos_tweak": f"shared.weight[eos=2] *= {NLLB_EOS_SCALE} (tied: also the lm_head row and the decoder start "
+                         "embedding)",
+            "positions": "M2M100SinusoidalPositionalEmbedding (fairseq / tensor2tensor), computed, not stored: "
+                         "half = d/2, freq_i = exp(-i * ln(10000) / (half - 1)), row p = [sin(p*freq) | cos(p*freq)] "
+                         "(float32), row pad=1 zeroed; position of the t-th non-pad token = pad + 1 + t = 2, 3, ...",
+            "tied": "lm_head.weight = model.shared.weight (one tensor on disk)",
+            "embed_scale": "sqrt(d_model) (scale_embedding true)",
+            "safetensors_keys": keys,
+            "safetensors_metadata": meta,
+        },
+        "generation_config_json": gen_written,
+        "config_json_notes": {
+            "legacy_keys_added": legacy,
+            "changes": "nllb-200-distilled-600M's config.json also carries max_length 200, num_hidden_layers and "
+                       "tokenizer_class NllbTokenizer (added here; transformers 5 ignores max_length there: "
+                       "generation_config.json wins); layerdrop 0 as nllb-200; dtype/torch_dtype added; keys sorted",
+        },
+        "loading_info": info,
+        "beam_search_note": BEAM_SCORE_NOTE,
+        "eos_paths": {"beam_hypotheses_ending_with_eos_before_20": early, "beam_hypotheses_at_20_new_tokens": maxlen},
+        "generate_calls": calls,
+        "generate_calls_tgt_deu": calls_de,
+        "generate_calls_src_fra": calls_fr,
+        "warnings": capture.events,
+        "schema": common_schema({
+            "cases[i].sentencepiece_pieces_equal": "whether the SentencePiece library's encode(text, out_type=str) "
+                                                   "gives the same pieces as the tokenizer.json pipeline (if not, "
+                                                   "sentencepiece_pieces holds them)",
+            "cases[0].first_step_logprobs_before_forced_bos": "log_softmax of the logits for decoder_input_ids [</s>] "
+                                                              "alone (the step whose output ForcedBOS overrides)",
+            "cases[0].first_step_logprobs": "log_softmax(logits[0, -1]) over the full model vocab for "
+                                            "decoder_input_ids [</s>, forced target language code]; raw model "
+                                            "output, no logits processors; argmax = its argmax (also in "
+                                            "case_tgt_deu / case_src_fra)",
+            "cases[i] generate calls": "eng_Latn -> fra_Latn: tokenizer src_lang eng_Latn, all generate() calls "
+                                       "pass forced_bos_token_id = id of fra_Latn (as the translation pipeline does); "
+                                       "the forced token counts as a generated token",
+            "case_tgt_deu": "SOURCES[0] again with forced_bos_token_id = id of deu_Latn",
+            "case_src_fra": "a French corpus sentence with tokenizer.src_lang = fra_Latn (source ids start with the "
+                            "fra_Latn id) and forced_bos_token_id = id of eng_Latn",
+            "cases[i].beam_default": "generate() with only generation_config.json (nllb-200 style: no num_beams, "
+                                     "max_length 200, so greedy up to 200 tokens incl. the decoder start) + "
+                                     "forced_bos_token_id: ids and text",
+        }),
+        "cases": cases,
+        "case_tgt_deu": de_case,
+        "case_src_fra": fr_case,
+    }
+    finish(out, ref, limit=NLLB_SIZE_LIMIT)
+
+
+# --------------------------------------------------------------------------
+
+
+BUILDERS = {"marian": build_marian, "t5": build_t5, "m2m100": build_m2m100, "nllb": build_nllb}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", metavar="NAME[,NAME...]", help="build only these fixtures: marian, t5, m2m100")
+    ap.add_argument("--only", metavar="NAME[,NAME...]", help="build only these fixtures: marian, t5, m2m100, nllb")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
 

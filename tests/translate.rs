@@ -22,14 +22,31 @@ fn trimmed(v: &Value, eos: u32) -> Vec<u32> {
     ids
 }
 
-fn check(name: &str, cases: &[(&Value, Option<&str>)]) {
+/// A reference case with the source and target language it was made with, if any.
+type Case<'a> = (&'a Value, Option<&'a str>, Option<&'a str>);
+
+/// The 4-beam search of the references (length penalty, no-repeat n-grams, 2 returned).
+fn beam_settings(defaults: &BeamSettings) -> BeamSettings {
+    BeamSettings {
+        num_beams: 4,
+        length_penalty: 0.6,
+        no_repeat_ngram_size: 3,
+        num_return_sequences: 2,
+        early_stopping: EarlyStopping::True,
+        max_length: 21,
+        ..defaults.clone()
+    }
+}
+
+fn check(name: &str, cases: &[Case]) {
     let mut translator = Translator::load(fixture(name).to_str().unwrap()).unwrap();
     let eos = translator.model.eos_token_id();
-    for &(case, target) in cases {
+    check_batched(&mut translator, name, cases);
+    for &(case, source, target) in cases {
         let mut defaults = translator.default_settings();
         if target.is_some() {
             translator
-                .set_languages(None, target, &mut defaults)
+                .set_languages(source, target, &mut defaults)
                 .unwrap();
         }
         let text = case["text"].as_str().unwrap();
@@ -53,7 +70,7 @@ fn check(name: &str, cases: &[(&Value, Option<&str>)]) {
                 logits = Some(
                     translator
                         .model
-                        .decode_step(&memory, &[token], &mut cache)
+                        .decode_step(&[&memory], &[token], &mut cache)
                         .unwrap(),
                 );
             }
@@ -78,16 +95,9 @@ fn check(name: &str, cases: &[(&Value, Option<&str>)]) {
             "greedy of {name}: {text:?}"
         );
         assert_eq!(out[0].text, case["greedy"]["text"].as_str().unwrap());
-        let beam = BeamSettings {
-            num_beams: 4,
-            length_penalty: 0.6,
-            no_repeat_ngram_size: 3,
-            num_return_sequences: 2,
-            early_stopping: EarlyStopping::True,
-            max_length: 21,
-            ..defaults.clone()
-        };
-        let out = translator.translate_ids(&source, &beam).unwrap();
+        let out = translator
+            .translate_ids(&source, &beam_settings(&defaults))
+            .unwrap();
         let expected = &case["beam"];
         assert_eq!(out.len(), 2);
         for (k, hypothesis) in out.iter().enumerate() {
@@ -113,36 +123,116 @@ fn check(name: &str, cases: &[(&Value, Option<&str>)]) {
     }
 }
 
+/// The cases of each target language searched together, 3 sources per batch, with an empty
+/// text among them: every text gets the reference's beams, the empty one its own error.
+fn check_batched(translator: &mut Translator, name: &str, cases: &[Case]) {
+    let eos = translator.model.eos_token_id();
+    let mut directions: Vec<(Option<&str>, Option<&str>)> =
+        cases.iter().map(|&(_, s, t)| (s, t)).collect();
+    directions.dedup();
+    for (source, target) in directions {
+        let mut defaults = translator.default_settings();
+        if target.is_some() {
+            translator
+                .set_languages(source, target, &mut defaults)
+                .unwrap();
+        }
+        let group: Vec<&Value> = cases
+            .iter()
+            .filter(|&&(_, s, t)| (s, t) == (source, target))
+            .map(|&(c, _, _)| c)
+            .collect();
+        let mut texts: Vec<&str> = group.iter().map(|c| c["text"].as_str().unwrap()).collect();
+        texts.insert(1, " ");
+        let results = translator
+            .translate_batch(&texts, &beam_settings(&defaults), 3)
+            .unwrap();
+        assert_eq!(results.len(), texts.len());
+        let error = results[1].as_ref().expect_err("the empty text fails");
+        assert!(error.to_string().contains("empty"), "{error}");
+        let found = results.iter().enumerate().filter(|&(i, _)| i != 1);
+        for ((_, result), case) in found.zip(&group) {
+            let out = result.as_ref().unwrap();
+            assert_eq!(out.len(), 2);
+            for (k, hypothesis) in out.iter().enumerate() {
+                assert_eq!(
+                    hypothesis.token_ids,
+                    trimmed(&case["beam"]["ids"][k], eos),
+                    "batched beam {k} of {name}: {:?}",
+                    case["text"]
+                );
+                let score = case["beam"]["sequences_scores"][k].as_f64().unwrap() as f32;
+                assert!((hypothesis.score.unwrap() - score).abs() < TOLERANCE);
+            }
+        }
+    }
+}
+
 fn all_cases<'a>(
     reference: &'a Value,
+    source: Option<&'static str>,
     target: Option<&'static str>,
-) -> Vec<(&'a Value, Option<&'static str>)> {
+) -> Vec<Case<'a>> {
     reference["cases"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| (c, target))
+        .map(|c| (c, source, target))
         .collect()
 }
 
 #[test]
 fn marian_matches_transformers() {
     let reference = read_json("tiny-marian/reference.json");
-    check("tiny-marian", &all_cases(&reference, None));
+    check("tiny-marian", &all_cases(&reference, None, None));
 }
 
 #[test]
 fn t5_matches_transformers() {
     let reference = read_json("tiny-t5/reference.json");
-    check("tiny-t5", &all_cases(&reference, None));
+    check("tiny-t5", &all_cases(&reference, None, None));
 }
 
 #[test]
 fn m2m100_matches_transformers_with_forced_target_languages() {
     let reference = read_json("tiny-m2m100/reference.json");
-    let mut cases = all_cases(&reference, Some("fr"));
-    cases.push((&reference["case_tgt_de"], Some("de")));
+    let mut cases = all_cases(&reference, None, Some("fr"));
+    cases.push((&reference["case_tgt_de"], None, Some("de")));
     check("tiny-m2m100", &cases);
+}
+
+/// NLLB: no vocab.json, the language codes are tokens of tokenizer.json; the source language's
+/// token goes first (`eng_Latn` unless --src says otherwise).
+#[test]
+fn nllb_matches_transformers_with_language_codes_from_tokenizer_json() {
+    let reference = read_json("tiny-nllb/reference.json");
+    let english = Some("eng_Latn");
+    let mut cases = all_cases(&reference, english, Some("fra_Latn"));
+    cases.push((&reference["case_tgt_deu"], english, Some("deu_Latn")));
+    cases.push((
+        &reference["case_src_fra"],
+        Some("fra_Latn"),
+        Some("eng_Latn"),
+    ));
+    check("tiny-nllb", &cases);
+    // The command line with the checkpoint's defaults: English source unless --src says.
+    let case = &reference["cases"][0];
+    let nllb = fixture("tiny-nllb");
+    let (ok, stdout, stderr) = wordloom(&[
+        "translate",
+        "-m",
+        nllb.to_str().unwrap(),
+        "--tgt",
+        "fra_Latn",
+        "--json",
+        case["text"].as_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    let line: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        ids(&line["translations"][0]["token_ids"]),
+        trimmed(&case["beam_default"]["ids"], 2)
+    );
 }
 
 #[test]
@@ -153,6 +243,15 @@ fn translate_command_names_bad_input() {
     assert!(!ok && stderr.contains("no `>>xx<<` token"), "{stderr}");
     let (ok, _, stderr) = wordloom(&["translate", "-m", marian, "  "]);
     assert!(!ok && stderr.contains("the text is empty"), "{stderr}");
+    let nllb = fixture("tiny-nllb");
+    let nllb = nllb.to_str().unwrap();
+    let (ok, _, stderr) = wordloom(&["translate", "-m", nllb, "--tgt", "fr", "hello"]);
+    assert!(
+        !ok && stderr.contains("unknown language `fr`") && stderr.contains("fra_Latn"),
+        "{stderr}"
+    );
+    let (ok, _, stderr) = wordloom(&["translate", "-m", nllb, "hello"]);
+    assert!(!ok && stderr.contains("give --tgt LANG"), "{stderr}");
     let bert = fixture("tiny-bert-base");
     let bert = bert.to_str().unwrap();
     let (ok, _, stderr) = wordloom(&["translate", "-m", bert, "hello"]);

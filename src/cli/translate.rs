@@ -18,11 +18,12 @@ pub struct TranslateArgs {
     /// Default: SmolLM2-135M-Instruct, by prompt.
     #[arg(short, long)]
     pub model: Option<String>,
-    /// Source language (for chat models; opus-mt models know theirs).
+    /// Source language: for chat models and many-to-many models (M2M100 `en`, default `en`;
+    /// NLLB `eng_Latn`, default `eng_Latn`); opus-mt models know theirs.
     #[arg(long)]
     pub src: Option<String>,
-    /// Target language: needed by chat models and multilingual-target opus-mt models
-    /// (given as the `>>xx<<` prefix).
+    /// Target language: needed by chat models, M2M100 (`fr`), NLLB (`fra_Latn`) and
+    /// multilingual-target opus-mt models (given as the `>>xx<<` prefix).
     #[arg(long)]
     pub tgt: Option<String>,
     /// Beams (default: the checkpoint's generation_config).
@@ -40,6 +41,10 @@ pub struct TranslateArgs {
     pub no_repeat_ngram_size: Option<usize>,
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Sources an encoder-decoder searches together: one decoder step carries all their beams,
+    /// reading the weights once for them.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
     #[command(flatten)]
     pub input: TextArgs,
     #[command(flatten)]
@@ -76,7 +81,7 @@ fn run_encoder_decoder(
     if translator.is_multilingual() {
         anyhow::ensure!(
             args.tgt.is_some(),
-            "this model translates between many languages: give --tgt LANG (and --src, default en)"
+            "this model translates between many languages: give --tgt LANG (and --src, default English)"
         );
         translator.set_languages(args.src.as_deref(), args.tgt.as_deref(), &mut settings)?;
     }
@@ -94,13 +99,13 @@ fn run_encoder_decoder(
     if let Some(n) = args.no_repeat_ngram_size {
         settings.no_repeat_ngram_size = n;
     }
+    anyhow::ensure!(args.batch_size >= 1, "--batch-size must be at least 1");
     args.input.run(
-        1,
+        args.batch_size,
         |texts| {
-            Ok(texts
-                .iter()
-                .map(|t| translator.translate(&format!("{prefix}{t}"), &settings))
-                .collect())
+            let prefixed: Vec<String> = texts.iter().map(|t| format!("{prefix}{t}")).collect();
+            let prefixed: Vec<&str> = prefixed.iter().map(String::as_str).collect();
+            translator.translate_batch(&prefixed, &settings, args.batch_size)
         },
         |text, results| print(args, "encoder-decoder", text, &results),
     )

@@ -3,9 +3,14 @@
 //! all beams are ranked; those ending in EOS (or reaching the length limit) among the first
 //! `beams` become finished hypotheses scored sum-logprob / length^length_penalty, the best
 //! `beams` others continue; the search stops on transformers' early-stopping rules.
-//! Greedy search is the same loop with one beam and no length penalty.
+//! Greedy search is the same loop with one beam and no length penalty. Several sources are
+//! searched in lockstep, their beams stepped through the decoder together, each search
+//! deciding on its own when it is done.
+
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::kernels::activation::log_softmax_inplace;
 
 /// A decoder that can be stepped one token at a time for several beams.
 pub trait StepDecoder {
@@ -14,8 +19,14 @@ pub trait StepDecoder {
     fn initial_state(&self) -> Self::State;
     /// An independent copy (two beams continuing from one parent).
     fn fork(&self, state: &Self::State) -> Result<Self::State>;
-    /// Feed `tokens[i]` to beam `i`; the f32 logits of each beam's next token.
-    fn step(&self, states: &mut [Self::State], tokens: &[u32]) -> Result<Vec<Vec<f32>>>;
+    /// Feed `tokens[i]` to beam `i`, a beam of the search of source `sources[i]`; the f32
+    /// logits of each beam's next token.
+    fn step(
+        &self,
+        sources: &[usize],
+        states: &mut [Self::State],
+        tokens: &[u32],
+    ) -> Result<Vec<Vec<f32>>>;
 }
 
 /// transformers' `early_stopping`.
@@ -62,13 +73,6 @@ pub struct Hypothesis {
 /// transformers marks impossible candidates with this rather than -inf.
 const IMPOSSIBLE: f32 = -1.0e9;
 
-fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
-    let log_sum = sum.ln();
-    logits.iter().map(|&l| l - max - log_sum).collect()
-}
-
 impl BeamSettings {
     /// The logits processors transformers applies to each beam's log-probabilities.
     fn process(&self, sequence: &[u32], scores: &mut [f32]) {
@@ -103,9 +107,38 @@ impl BeamSettings {
             scores[token as usize] = 0.0;
         }
         if self.renormalize {
-            let renormalized = log_softmax(scores);
-            scores.copy_from_slice(&renormalized);
+            log_softmax_inplace(scores);
         }
+    }
+
+    /// Candidates kept per step: enough that `num_beams` survive however many hit an EOS.
+    fn keep(&self) -> usize {
+        2.max(1 + self.eos_token_ids.len()) * self.num_beams
+    }
+
+    /// One beam's `keep` best continuations from its logits (overwritten) as (accumulated
+    /// score, token), best first, ties to the lower token as torch.topk breaks them. The
+    /// step's best candidates overall are among those of each beam.
+    fn best_continuations(
+        &self,
+        logits: &mut [f32],
+        sequence: &[u32],
+        base: f32,
+    ) -> Vec<(f32, u32)> {
+        log_softmax_inplace(logits);
+        self.process(sequence, logits);
+        let keep = self.keep();
+        let mut best: Vec<(f32, u32)> = Vec::with_capacity(keep + 1);
+        for (token, &score) in logits.iter().enumerate() {
+            let total = score + base;
+            if best.len() == keep && total <= best[keep - 1].0 {
+                continue;
+            }
+            let at = best.partition_point(|&(kept, _)| kept >= total);
+            best.insert(at, (total, token as u32));
+            best.truncate(keep);
+        }
+        best
     }
 }
 
@@ -115,6 +148,135 @@ struct Running<S> {
     state: S,
 }
 
+/// The search of one source, advanced one decoder step at a time.
+struct Search<S> {
+    running: Vec<Running<S>>,
+    finished: Vec<Hypothesis>,
+    /// transformers' early-stop heuristic, sticky once satisfied.
+    heuristic_unsatisfied: bool,
+    done: bool,
+}
+
+/// The decoder start token counts as the prompt.
+const PROMPT_LEN: usize = 1;
+
+impl<S> Search<S> {
+    fn new<D: StepDecoder<State = S>>(decoder: &D, start: u32, beams: usize) -> Self {
+        Search {
+            running: (0..beams)
+                .map(|i| Running {
+                    tokens: vec![start],
+                    score: if i == 0 { 0.0 } else { IMPOSSIBLE },
+                    state: decoder.initial_state(),
+                })
+                .collect(),
+            finished: Vec::new(),
+            heuristic_unsatisfied: true,
+            done: false,
+        }
+    }
+
+    /// Take the best continuations of this search's beams (sequences `cur_len` long before
+    /// the step) and pick the next running beams and the finished hypotheses.
+    fn advance<D: StepDecoder<State = S>>(
+        &mut self,
+        decoder: &D,
+        settings: &BeamSettings,
+        cur_len: usize,
+        beams_in: Vec<Running<S>>,
+        continuations: &[Vec<(f32, u32)>],
+    ) -> Result<()> {
+        let beams = settings.num_beams;
+        // (accumulated score, beam, token) of every continuation worth ranking.
+        let mut candidates: Vec<(f32, usize, u32)> = continuations
+            .iter()
+            .enumerate()
+            .flat_map(|(b, best)| best.iter().map(move |&(score, t)| (score, b, t)))
+            .collect();
+        // torch.topk order: by score, ties by flat index (beam-major).
+        let k = settings.keep().min(candidates.len());
+        candidates.select_nth_unstable_by(k - 1, |a, b| {
+            b.0.total_cmp(&a.0).then((a.1, a.2).cmp(&(b.1, b.2)))
+        });
+        candidates.truncate(k);
+        candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then((a.1, a.2).cmp(&(b.1, b.2))));
+        let at_limit = cur_len + 1 >= settings.max_length;
+        let hits: Vec<bool> = candidates
+            .iter()
+            .map(|&(_, _, t)| at_limit || settings.eos_token_ids.contains(&t))
+            .collect();
+        // Finished hypotheses: only among the first `beams` candidates.
+        let length = (cur_len + 1 - PROMPT_LEN) as f32;
+        let full = self.finished.len() == beams && settings.early_stopping == EarlyStopping::True;
+        if self.heuristic_unsatisfied && !full {
+            for (i, &(score, b, t)) in candidates.iter().enumerate().take(beams) {
+                if hits[i] {
+                    let mut tokens = beams_in[b].tokens.clone();
+                    tokens.push(t);
+                    self.finished.push(Hypothesis {
+                        tokens,
+                        score: score / length.powf(settings.length_penalty),
+                    });
+                }
+            }
+            self.finished.sort_by(|a, b| b.score.total_cmp(&a.score));
+            self.finished.truncate(beams);
+        }
+        // The next running beams: the best candidates that did not stop.
+        let mut order: Vec<usize> = (0..candidates.len()).collect();
+        order.sort_by(|&a, &b| {
+            let score = |i: usize| candidates[i].0 + if hits[i] { IMPOSSIBLE } else { 0.0 };
+            score(b).total_cmp(&score(a)).then(a.cmp(&b))
+        });
+        order.truncate(beams);
+        let mut uses = vec![0usize; beams];
+        for &i in &order {
+            uses[candidates[i].1] += 1;
+        }
+        let mut parents: Vec<Option<Running<S>>> = beams_in.into_iter().map(Some).collect();
+        for &i in &order {
+            let (score, b, t) = candidates[i];
+            uses[b] -= 1;
+            let parent = parents[b].as_ref().expect("parent still held");
+            let mut tokens = parent.tokens.clone();
+            tokens.push(t);
+            let state = if uses[b] == 0 {
+                parents[b]
+                    .take()
+                    .expect("a parent is moved out only once")
+                    .state
+            } else {
+                decoder.fork(&parent.state)?
+            };
+            self.running.push(Running {
+                tokens,
+                score: score + if hits[i] { IMPOSSIBLE } else { 0.0 },
+                state,
+            });
+        }
+        let best_length = match settings.early_stopping {
+            EarlyStopping::Never if settings.length_penalty > 0.0 => {
+                settings.max_length - PROMPT_LEN
+            }
+            _ => cur_len + 1 - PROMPT_LEN,
+        } as f32;
+        let best_possible = self.running[0].score / best_length.powf(settings.length_penalty);
+        let worst_finished = if self.finished.len() == beams {
+            self.finished.last().map_or(IMPOSSIBLE, |h| h.score)
+        } else {
+            IMPOSSIBLE
+        };
+        self.heuristic_unsatisfied &= best_possible > worst_finished;
+        let all_finished_early =
+            self.finished.len() == beams && settings.early_stopping == EarlyStopping::True;
+        self.done = !self.heuristic_unsatisfied || all_finished_early || hits.iter().all(|&h| h);
+        if self.done {
+            self.running.clear();
+        }
+        Ok(())
+    }
+}
+
 /// Beam search from `start` (the decoder start token). Returns up to `num_return_sequences`
 /// hypotheses, best first.
 pub fn beam_search<D: StepDecoder>(
@@ -122,6 +284,19 @@ pub fn beam_search<D: StepDecoder>(
     start: u32,
     settings: &BeamSettings,
 ) -> Result<Vec<Hypothesis>> {
+    let mut results = beam_search_batch(decoder, 1, start, settings)?;
+    Ok(results.pop().expect("one search"))
+}
+
+/// Beam searches of `sources` sources (numbered for `decoder.step`), each as `beam_search`
+/// would run it alone; one decoder step per token position for the beams of all searches not
+/// yet done.
+pub fn beam_search_batch<D: StepDecoder>(
+    decoder: &D,
+    sources: usize,
+    start: u32,
+    settings: &BeamSettings,
+) -> Result<Vec<Vec<Hypothesis>>> {
     let beams = settings.num_beams;
     if beams == 0 {
         return Err(Error::invalid("num_beams must be at least 1"));
@@ -136,124 +311,61 @@ pub fn beam_search<D: StepDecoder>(
             "max_length leaves no room for a generated token",
         ));
     }
-    let prompt_len = 1usize;
-    let keep = 2.max(1 + settings.eos_token_ids.len()) * beams;
-    let mut running: Vec<Running<D::State>> = (0..beams)
-        .map(|i| Running {
-            tokens: vec![start],
-            score: if i == 0 { 0.0 } else { IMPOSSIBLE },
-            state: decoder.initial_state(),
-        })
+    let mut searches: Vec<Search<D::State>> = (0..sources)
+        .map(|_| Search::new(decoder, start, beams))
         .collect();
-    let mut finished: Vec<Hypothesis> = Vec::new();
-    let mut heuristic_unsatisfied = true;
-    let mut inputs: Vec<u32> = vec![start; beams];
-    let mut cur_len = prompt_len;
+    let mut cur_len = PROMPT_LEN;
     loop {
-        let mut states: Vec<D::State> = Vec::with_capacity(beams);
-        let mut meta: Vec<(Vec<u32>, f32)> = Vec::with_capacity(beams);
-        for beam in running.drain(..) {
-            meta.push((beam.tokens, beam.score));
-            states.push(beam.state);
-        }
-        let logits = decoder.step(&mut states, &inputs)?;
-        // (accumulated score, beam, token) of every continuation.
-        let mut candidates: Vec<(f32, usize, u32)> = Vec::new();
-        for (b, row) in logits.iter().enumerate() {
-            let mut scores = log_softmax(row);
-            settings.process(&meta[b].0, &mut scores);
-            let base = meta[b].1;
-            candidates.extend(
-                scores
-                    .iter()
-                    .enumerate()
-                    .map(|(t, &s)| (s + base, b, t as u32)),
-            );
-        }
-        // torch.topk order: by score, ties by flat index (beam-major).
-        let k = keep.min(candidates.len());
-        candidates.select_nth_unstable_by(k - 1, |a, b| {
-            b.0.total_cmp(&a.0).then((a.1, a.2).cmp(&(b.1, b.2)))
-        });
-        candidates.truncate(k);
-        candidates.sort_by(|a, b| b.0.total_cmp(&a.0).then((a.1, a.2).cmp(&(b.1, b.2))));
-        let at_limit = cur_len + 1 >= settings.max_length;
-        let hits: Vec<bool> = candidates
-            .iter()
-            .map(|&(_, _, t)| at_limit || settings.eos_token_ids.contains(&t))
-            .collect();
-        // Finished hypotheses: only among the first `beams` candidates.
-        let length = (cur_len + 1 - prompt_len) as f32;
-        let full = finished.len() == beams && settings.early_stopping == EarlyStopping::True;
-        if heuristic_unsatisfied && !full {
-            for (i, &(score, b, t)) in candidates.iter().enumerate().take(beams) {
-                if hits[i] {
-                    let mut tokens = meta[b].0.clone();
-                    tokens.push(t);
-                    finished.push(Hypothesis {
-                        tokens,
-                        score: score / length.powf(settings.length_penalty),
-                    });
-                }
-            }
-            finished.sort_by(|a, b| b.score.total_cmp(&a.score));
-            finished.truncate(beams);
-        }
-        // The next running beams: the best candidates that did not stop.
-        let mut order: Vec<usize> = (0..candidates.len()).collect();
-        order.sort_by(|&a, &b| {
-            let score = |i: usize| candidates[i].0 + if hits[i] { IMPOSSIBLE } else { 0.0 };
-            score(b).total_cmp(&score(a)).then(a.cmp(&b))
-        });
-        order.truncate(beams);
-        let mut uses = vec![0usize; beams];
-        for &i in &order {
-            uses[candidates[i].1] += 1;
-        }
-        let mut parents: Vec<Option<D::State>> = states.into_iter().map(Some).collect();
-        for &i in &order {
-            let (score, b, t) = candidates[i];
-            uses[b] -= 1;
-            let state = if uses[b] == 0 {
-                parents[b].take().expect("a parent is moved out only once")
-            } else {
-                decoder.fork(parents[b].as_ref().expect("parent still held"))?
-            };
-            let mut tokens = meta[b].0.clone();
-            tokens.push(t);
-            running.push(Running {
-                tokens,
-                score: score + if hits[i] { IMPOSSIBLE } else { 0.0 },
-                state,
-            });
-        }
-        cur_len += 1;
-        // transformers' early-stop heuristic, sticky once satisfied.
-        let best_length = match settings.early_stopping {
-            EarlyStopping::Never if settings.length_penalty > 0.0 => {
-                settings.max_length - prompt_len
-            }
-            _ => cur_len - prompt_len,
-        } as f32;
-        let best_possible = running[0].score / best_length.powf(settings.length_penalty);
-        let worst_finished = if finished.len() == beams {
-            finished.last().map_or(IMPOSSIBLE, |h| h.score)
-        } else {
-            IMPOSSIBLE
-        };
-        heuristic_unsatisfied &= best_possible > worst_finished;
-        let all_finished_early =
-            finished.len() == beams && settings.early_stopping == EarlyStopping::True;
-        if !heuristic_unsatisfied || all_finished_early || hits.iter().all(|&h| h) {
+        let active: Vec<usize> = (0..sources).filter(|&s| !searches[s].done).collect();
+        if active.is_empty() {
             break;
         }
-        inputs = running
+        let mut beams_in: Vec<Running<D::State>> = Vec::with_capacity(active.len() * beams);
+        for &s in &active {
+            beams_in.append(&mut searches[s].running);
+        }
+        let inputs: Vec<u32> = beams_in
             .iter()
             .map(|r| *r.tokens.last().expect("non-empty"))
             .collect();
+        let mut states: Vec<D::State> = Vec::with_capacity(beams_in.len());
+        let mut metas: Vec<(Vec<u32>, f32)> = Vec::with_capacity(beams_in.len());
+        for beam in beams_in {
+            metas.push((beam.tokens, beam.score));
+            states.push(beam.state);
+        }
+        let owners: Vec<usize> = active
+            .iter()
+            .flat_map(|&s| std::iter::repeat_n(s, beams))
+            .collect();
+        let logits = decoder.step(&owners, &mut states, &inputs)?;
+        let continuations: Vec<Vec<(f32, u32)>> = logits
+            .into_par_iter()
+            .zip(metas.par_iter())
+            .map(|(mut row, (tokens, score))| settings.best_continuations(&mut row, tokens, *score))
+            .collect();
+        let mut returned = metas
+            .into_iter()
+            .zip(states)
+            .map(|((tokens, score), state)| Running {
+                tokens,
+                score,
+                state,
+            });
+        for (&s, rows) in active.iter().zip(continuations.chunks(beams)) {
+            let own: Vec<Running<D::State>> = returned.by_ref().take(beams).collect();
+            searches[s].advance(decoder, settings, cur_len, own, rows)?;
+        }
+        cur_len += 1;
     }
-    finished.truncate(settings.num_return_sequences);
-    Ok(finished)
+    Ok(searches
+        .into_iter()
+        .map(|search| {
+            let mut finished = search.finished;
+            finished.truncate(settings.num_return_sequences);
+            finished
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -269,7 +381,7 @@ mod tests {
         fn fork(&self, _: &()) -> Result<()> {
             Ok(())
         }
-        fn step(&self, _: &mut [()], tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        fn step(&self, _: &[usize], _: &mut [()], tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
             Ok(tokens.iter().map(|&t| self.0[t as usize].clone()).collect())
         }
     }

@@ -35,6 +35,14 @@ pub fn softmax_inplace(values: &mut [f32]) {
     values.iter_mut().for_each(|p| *p *= inverse);
 }
 
+/// Log-softmax in place: `v ← v − max − ln Σ e^(v − max)`.
+pub fn log_softmax_inplace(values: &mut [f32]) {
+    let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut numerators = values.to_vec();
+    let log_sum = exp_shifted_inplace(&mut numerators, max).ln();
+    values.iter_mut().for_each(|v| *v = *v - max - log_sum);
+}
+
 /// `v ← e^(v − max)` in place (softmax numerators); returns their sum. The vector path's
 /// exponential is within ~2e-7 relative of libm's.
 pub fn exp_shifted_inplace(values: &mut [f32], max: f32) -> f32 {

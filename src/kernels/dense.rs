@@ -62,14 +62,19 @@ impl PackedMatrix {
         self.k
     }
 
+    /// Row `row` of the (n × k) matrix, into `out` (k floats).
+    pub fn row_into(&self, row: usize, out: &mut [f32]) {
+        let panel = &self.panels[(row / NR) * self.k * NR..][..self.k * NR];
+        for (v, k_row) in out.iter_mut().zip(panel.chunks_exact(NR)) {
+            *v = k_row[row % NR];
+        }
+    }
+
     /// Back to the (n × k) row-major layout.
     pub fn unpack(&self) -> Vec<f32> {
         let mut w = vec![0f32; self.n * self.k];
         for (row, out) in w.chunks_exact_mut(self.k).enumerate() {
-            let panel = &self.panels[(row / NR) * self.k * NR..];
-            for (kk, v) in out.iter_mut().enumerate() {
-                *v = panel[kk * NR + row % NR];
-            }
+            self.row_into(row, out);
         }
         w
     }

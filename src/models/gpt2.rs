@@ -79,7 +79,7 @@ impl Gpt2 {
         let p = w.prefix_if_present("transformer.", "wte.weight");
         let (d, eps) = (cfg.n_embd, cfg.layer_norm_epsilon);
         let inner = cfg.n_inner.unwrap_or(4 * d);
-        let wte = w.embedding(&format!("{p}wte.weight"), cfg.vocab_size, d, dtype, device)?;
+        let mut wte = w.embedding(&format!("{p}wte.weight"), cfg.vocab_size, d, dtype, device)?;
         let wpe = w.tensor(
             &format!("{p}wpe.weight"),
             &[cfg.n_positions, d],
@@ -100,7 +100,7 @@ impl Gpt2 {
             })
             .collect::<Result<Vec<_>>>()?;
         let ln_f = LayerNorm::load(w, &format!("{p}ln_f"), d, eps, dtype, device)?;
-        let lm_head = WeightStore::tied_linear(&wte, cfg.vocab_size, d)?;
+        let lm_head = WeightStore::tied_linear(&mut wte, cfg.vocab_size, d)?;
         let info = ModelInfo {
             architecture: "gpt2".into(),
             vocab_size: cfg.vocab_size,

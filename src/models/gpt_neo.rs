@@ -125,7 +125,7 @@ impl GptNeo {
         let inner = cfg.intermediate_size.unwrap_or(4 * d);
         // GPTNeoForCausalLM's names start with `transformer.`; GPTNeoModel's do not.
         let p = w.prefix_if_present("transformer.", "wte.weight");
-        let wte = w.embedding(&format!("{p}wte.weight"), cfg.vocab_size, d, dtype, device)?;
+        let mut wte = w.embedding(&format!("{p}wte.weight"), cfg.vocab_size, d, dtype, device)?;
         let wpe = w.tensor(
             &format!("{p}wpe.weight"),
             &[cfg.max_position_embeddings, d],
@@ -157,7 +157,7 @@ impl GptNeo {
             .collect::<Result<Vec<_>>>()?;
         let ln_f = LayerNorm::load(w, &format!("{p}ln_f"), d, eps, dtype, device)?;
         let lm_head = if cfg.tie_word_embeddings || !w.contains("lm_head.weight") {
-            WeightStore::tied_linear(&wte, cfg.vocab_size, d)?
+            WeightStore::tied_linear(&mut wte, cfg.vocab_size, d)?
         } else {
             w.linear("lm_head", d, cfg.vocab_size, false, dtype, device)?
         };

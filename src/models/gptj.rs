@@ -85,7 +85,7 @@ impl Gptj {
         }
         let inner = cfg.n_inner.unwrap_or(4 * d);
         let p = w.prefix_if_present("transformer.", "wte.weight");
-        let wte = w.embedding(&format!("{p}wte.weight"), cfg.vocab_size, d, dtype, device)?;
+        let mut wte = w.embedding(&format!("{p}wte.weight"), cfg.vocab_size, d, dtype, device)?;
         let blocks = (0..cfg.n_layer)
             .map(|i| {
                 let b = format!("{p}h.{i}");
@@ -105,7 +105,7 @@ impl Gptj {
             .collect::<Result<Vec<_>>>()?;
         let ln_f = LayerNorm::load(w, &format!("{p}ln_f"), d, eps, dtype, device)?;
         let lm_head = if cfg.tie_word_embeddings {
-            WeightStore::tied_linear(&wte, cfg.vocab_size, d)?
+            WeightStore::tied_linear(&mut wte, cfg.vocab_size, d)?
         } else {
             w.linear("lm_head", d, cfg.vocab_size, true, dtype, device)?
         };

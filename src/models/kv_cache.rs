@@ -1,11 +1,20 @@
-//! Per-sequence key/value cache, pre-allocated and grown in blocks so decoding never re-copies it per token.
+//! Per-sequence key/value cache, pre-allocated and grown ahead so decoding never re-copies it per token.
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::Result;
 
-/// Capacity grows in multiples of this many positions.
+/// Large capacities grow in multiples of this many positions.
 const GROW_BLOCK: usize = 256;
+/// Small ones (short beams, fresh copies) double from multiples of this.
+const SMALL_BLOCK: usize = 16;
+
+/// The capacity to grow to when `needed` positions do not fit in `capacity`: doubling while
+/// small, so that beam copies stay short, then whole blocks.
+fn grown_capacity(capacity: usize, needed: usize) -> usize {
+    let doubled = needed.max(2 * capacity).next_multiple_of(SMALL_BLOCK);
+    doubled.min(needed.next_multiple_of(GROW_BLOCK))
+}
 
 /// Keys and values of every layer for one sequence. A batch is simply a slice of these,
 /// each at its own position, which is what the server's continuous batching needs.
@@ -65,9 +74,22 @@ impl KvCache {
         Self::new(info.num_layers, info.kv_heads, info.head_dim, dtype, device)
     }
 
-    /// An independent copy (beam search: two beams continuing from one parent).
+    /// An independent copy (beam search: two beams continuing from one parent) of the filled
+    /// positions, with room for the next.
     pub fn deep_copy(&self) -> Result<Self> {
-        let copy = |t: &Option<Tensor>| t.as_ref().map(Tensor::copy).transpose();
+        let capacity = grown_capacity(0, self.len + 1);
+        let copy = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
+            let Some(t) = t else { return Ok(None) };
+            let fresh = Tensor::zeros(
+                (self.kv_heads, capacity, self.head_dim),
+                self.dtype,
+                &self.device,
+            )?;
+            if self.len > 0 {
+                fresh.slice_set(&t.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+            }
+            Ok(Some(fresh))
+        };
         let layers = self
             .layers
             .iter()
@@ -123,7 +145,7 @@ impl KvCache {
         let slot = &mut self.layers[layer];
         let capacity = slot.keys.as_ref().map_or(0, |k| k.dim(1).unwrap_or(0));
         if needed > capacity {
-            let new_capacity = needed.div_ceil(GROW_BLOCK) * GROW_BLOCK;
+            let new_capacity = grown_capacity(capacity, needed);
             let grow = |old: &Option<Tensor>| -> Result<Tensor> {
                 let fresh = Tensor::zeros((kv_heads, new_capacity, head_dim), dtype, &device)?;
                 if let (Some(old), true) = (old, len > 0) {
@@ -186,6 +208,41 @@ mod tests {
             vec![1.0; 8]
         );
         assert_eq!(cache.len(), 301);
+        Ok(())
+    }
+
+    #[test]
+    fn copies_hold_the_filled_positions_and_grow_on_their_own() -> Result<()> {
+        assert_eq!(grown_capacity(0, 1), 16);
+        assert_eq!(grown_capacity(16, 17), 32);
+        assert_eq!(grown_capacity(0, 100), 112);
+        assert_eq!(grown_capacity(224, 225), 256);
+        assert_eq!(grown_capacity(256, 257), 512);
+        assert_eq!(grown_capacity(512, 513), 768);
+        let dev = Device::Cpu;
+        let mut parent = KvCache::new(2, 2, 4, DType::F32, &dev);
+        let step = |i: usize| Tensor::full(i as f32, (2, 1, 4), &dev);
+        for i in 0..20 {
+            for layer in 0..2 {
+                parent.append(layer, &step(i)?, &step(i)?)?;
+            }
+            parent.advance(1);
+        }
+        let mut child = parent.deep_copy()?;
+        assert_eq!(child.len(), 20);
+        for layer in 0..2 {
+            parent.append(layer, &step(100)?, &step(100)?)?;
+            let (k, _) = child.append(layer, &step(200)?, &step(200)?)?;
+            let firsts: Vec<f32> = k.get(0)?.get(0)?.to_vec1()?;
+            assert_eq!(firsts, vec![0.0; 4]);
+            let column: Vec<f32> = k.get(1)?.narrow(1, 0, 1)?.flatten_all()?.to_vec1()?;
+            let expected: Vec<f32> = (0..20).map(|i| i as f32).chain([200.0]).collect();
+            assert_eq!(column, expected);
+        }
+        parent.advance(1);
+        child.advance(1);
+        let (k, _) = parent.append(0, &step(7)?, &step(7)?)?;
+        assert_eq!(k.get(0)?.get(20)?.to_vec1::<f32>()?, vec![100.0; 4]);
         Ok(())
     }
 }

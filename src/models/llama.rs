@@ -239,7 +239,7 @@ impl Llama {
                 format!("num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"),
             ));
         }
-        let embed_tokens = w.embedding(
+        let mut embed_tokens = w.embedding(
             "model.embed_tokens.weight",
             cfg.vocab_size,
             hidden,
@@ -302,7 +302,7 @@ impl Llama {
         }
         let norm = RmsNorm::load(w, "model.norm", hidden, cfg.rms_norm_eps, dtype, device)?;
         let lm_head = if cfg.tie_word_embeddings || !w.contains("lm_head.weight") {
-            WeightStore::tied_linear(&embed_tokens, cfg.vocab_size, hidden)?
+            WeightStore::tied_linear(&mut embed_tokens, cfg.vocab_size, hidden)?
         } else {
             w.linear("lm_head", hidden, cfg.vocab_size, false, dtype, device)?
         };

@@ -228,27 +228,16 @@ impl Marian {
         let d = config.d_model;
         let activation = Activation::for_checkpoint(&config.activation_function, w)?;
         let decoder_vocab = config.decoder_vocab_size.unwrap_or(config.vocab_size);
-        let shared = w.embedding(
+        let mut shared = w.embedding(
             "model.shared.weight",
             config.vocab_size,
             d,
             DType::F32,
             device,
         )?;
-        let encoder_embed = if w.contains("model.encoder.embed_tokens.weight") {
-            w.embedding(
-                "model.encoder.embed_tokens.weight",
-                config.vocab_size,
-                d,
-                DType::F32,
-                device,
-            )?
-        } else {
-            shared.clone()
-        };
-        let decoder_embed = if !config.share_encoder_decoder_embeddings
-            && w.contains("model.decoder.embed_tokens.weight")
-        {
+        let own_decoder_table = !config.share_encoder_decoder_embeddings
+            && w.contains("model.decoder.embed_tokens.weight");
+        let mut decoder_embed = if own_decoder_table {
             w.embedding(
                 "model.decoder.embed_tokens.weight",
                 decoder_vocab,
@@ -258,6 +247,26 @@ impl Marian {
             )?
         } else {
             shared.clone()
+        };
+        let lm_head = if w.contains("lm_head.weight") {
+            w.linear("lm_head", d, decoder_vocab, false, DType::F32, device)?
+        } else {
+            WeightStore::tied_linear(&mut decoder_embed, decoder_vocab, d)?
+        };
+        if !own_decoder_table {
+            // Tying may have repacked the table: the encoder then looks up the same copy.
+            shared = decoder_embed.clone();
+        }
+        let encoder_embed = if w.contains("model.encoder.embed_tokens.weight") {
+            w.embedding(
+                "model.encoder.embed_tokens.weight",
+                config.vocab_size,
+                d,
+                DType::F32,
+                device,
+            )?
+        } else {
+            shared
         };
         if config.encoder_attention_heads == 0 || !d.is_multiple_of(config.encoder_attention_heads)
         {
@@ -325,11 +334,6 @@ impl Marian {
                 })
             })
             .collect::<Result<_>>()?;
-        let lm_head = if w.contains("lm_head.weight") {
-            w.linear("lm_head", d, decoder_vocab, false, DType::F32, device)?
-        } else {
-            WeightStore::tied_linear(&decoder_embed, decoder_vocab, d)?
-        };
         let final_logits_bias = if w.contains("final_logits_bias") {
             w.tensor("final_logits_bias", &[1, decoder_vocab], DType::F32, device)?
         } else {
@@ -455,11 +459,12 @@ impl Marian {
         )
     }
 
-    /// One decoder step for a batch of sequences over the same source: sequence i takes
-    /// `tokens[i]` after what its cache holds. Returns f32 logits (n, vocab).
+    /// One decoder step for a batch of sequences, all at the same position: sequence i takes
+    /// `tokens[i]` after what its cache holds and attends to source `memories[i]`. Returns f32
+    /// logits (n, vocab).
     pub fn decode_step(
         &self,
-        memory: &EncoderMemory,
+        memories: &[&EncoderMemory],
         tokens: &[u32],
         caches: &mut [KvCache],
     ) -> Result<Tensor> {
@@ -507,9 +512,11 @@ impl Marian {
                 )?;
                 attn.out_proj.forward(&attended)
             })?;
-            let (keys, values) = &memory.layers[index];
             x = self.residual(&x, &layer.encoder_attn_layer_norm, |h| {
-                layer.encoder_attn.attend(h, keys, values)
+                EncoderMemory::attend_each(h, memories, |rows, memory| {
+                    let (keys, values) = &memory.layers[index];
+                    layer.encoder_attn.attend(rows, keys, values)
+                })
             })?;
             x = self.residual(&x, &layer.final_layer_norm, |h| {
                 layer.feed_forward.forward(h)

@@ -41,6 +41,39 @@ pub struct EncoderMemory {
     pub hidden: Tensor,
 }
 
+impl EncoderMemory {
+    /// Cross-attention for a decoder step whose row i reads source `memories[i]`: the rows of
+    /// one source (consecutive, as a search's beams are) go through `attend` together with its
+    /// memory; the results come back in row order.
+    pub fn attend_each(
+        x: &Tensor,
+        memories: &[&EncoderMemory],
+        mut attend: impl FnMut(&Tensor, &EncoderMemory) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        if memories.len() != x.dim(0)? {
+            return Err(Error::invalid(format!(
+                "{} decoder rows but {} encoder memories",
+                x.dim(0)?,
+                memories.len()
+            )));
+        }
+        let mut parts = Vec::new();
+        let mut start = 0;
+        while start < memories.len() {
+            let same = memories[start..]
+                .iter()
+                .take_while(|m| std::ptr::eq(**m, memories[start]))
+                .count();
+            parts.push(attend(&x.narrow(0, start, same)?, memories[start])?);
+            start += same;
+        }
+        Ok(match parts.len() {
+            1 => parts.pop().expect("one part"),
+            _ => Tensor::cat(&parts, 0)?,
+        })
+    }
+}
+
 /// Which positions of a sequence the caller wants logits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogitsWanted<'a> {

@@ -280,7 +280,7 @@ pub struct T5 {
 impl T5 {
     pub fn load(config: T5Config, w: &WeightStore, device: &Device) -> Result<Self> {
         let (d, eps) = (config.d_model, config.layer_norm_epsilon);
-        let shared = w.embedding("shared.weight", config.vocab_size, d, DType::F32, device)?;
+        let mut shared = w.embedding("shared.weight", config.vocab_size, d, DType::F32, device)?;
         let norm = |name: &str| T5LayerNorm::load(w, name, d, eps, device);
         let encoder = (0..config.num_layers)
             .map(|i| {
@@ -327,7 +327,7 @@ impl T5 {
         let lm_head = if w.contains("lm_head.weight") {
             w.linear("lm_head", d, config.vocab_size, false, DType::F32, device)?
         } else {
-            WeightStore::tied_linear(&shared, config.vocab_size, d)?
+            WeightStore::tied_linear(&mut shared, config.vocab_size, d)?
         };
         Ok(T5 {
             encoder_norm: norm("encoder.final_layer_norm")?,
@@ -428,9 +428,11 @@ impl T5 {
         )
     }
 
+    /// One decoder step for sequences at the same position: sequence i takes `tokens[i]` and
+    /// attends to source `memories[i]`. Returns f32 logits (n, vocab).
     pub fn decode_step(
         &self,
-        memory: &EncoderMemory,
+        memories: &[&EncoderMemory],
         tokens: &[u32],
         caches: &mut [KvCache],
     ) -> Result<Tensor> {
@@ -464,9 +466,12 @@ impl T5 {
                 rows.push(full_attention(&q, &keys, &values, 1.0, Some(&bias))?);
             }
             x = (&x + attn.o.forward(&Tensor::cat(&rows, 0)?)?)?;
-            let (keys, values) = &memory.layers[index];
             let h = block.cross_norm.forward(&x)?;
-            x = (&x + block.cross_attention.attend(&h, keys, values, None)?)?;
+            let attended = EncoderMemory::attend_each(&h, memories, |rows, memory| {
+                let (keys, values) = &memory.layers[index];
+                block.cross_attention.attend(rows, keys, values, None)
+            })?;
+            x = (&x + attended)?;
             x = (&x + block.ff.forward(&block.ff_norm.forward(&x)?)?)?;
         }
         for cache in caches.iter_mut() {

@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::generate::beam::{beam_search, BeamSettings, EarlyStopping, Hypothesis, StepDecoder};
+use crate::generate::beam::{
+    beam_search_batch, BeamSettings, EarlyStopping, Hypothesis, StepDecoder,
+};
 use crate::generate::sequence::GenerationParams;
 use crate::models::marian::{Flavor, Marian};
 use crate::models::t5::T5;
@@ -79,16 +81,17 @@ impl Seq2SeqModel {
         }
     }
 
-    /// f32 logits (n, vocab) of one decoder step of n sequences over one source.
+    /// f32 logits (n, vocab) of one decoder step of n sequences at one position, sequence i
+    /// over source `memories[i]`.
     pub fn decode_step(
         &self,
-        memory: &EncoderMemory,
+        memories: &[&EncoderMemory],
         tokens: &[u32],
         caches: &mut [KvCache],
     ) -> Result<candle_core::Tensor> {
         match self {
-            Seq2SeqModel::Marian(m) => m.decode_step(memory, tokens, caches),
-            Seq2SeqModel::T5(m) => m.decode_step(memory, tokens, caches),
+            Seq2SeqModel::Marian(m) => m.decode_step(memories, tokens, caches),
+            Seq2SeqModel::T5(m) => m.decode_step(memories, tokens, caches),
         }
     }
 
@@ -120,10 +123,83 @@ impl Seq2SeqModel {
 
 /// Source text to ids and generated ids to text.
 pub enum Seq2SeqTokenizer {
-    /// SentencePiece models plus vocab.json (opus-mt).
+    /// SentencePiece models plus vocab.json (opus-mt, M2M100).
     PieceVocab(PieceVocabTokenizer),
-    /// tokenizer.json (T5).
-    Hf(Tokenizer),
+    /// tokenizer.json (T5; NLLB with its language codes).
+    Hf {
+        tokenizer: Tokenizer,
+        languages: Option<LanguageCodes>,
+    },
+}
+
+/// Language codes that are tokens of a tokenizer.json (NLLB's `fra_Latn`, …).
+pub struct LanguageCodes {
+    ids: std::collections::HashMap<String, u32>,
+    /// The source language's token, before the text (after `</s>` in NLLB's legacy behaviour).
+    source: u32,
+    legacy: bool,
+    eos: u32,
+}
+
+impl LanguageCodes {
+    /// NLLB's codes from tokenizer_config.json (`additional_special_tokens`), each a token of
+    /// `tokenizer`; the source language is the config's `src_lang`, else English, as
+    /// transformers' NllbTokenizer assumes.
+    fn nllb(dir: &Path, tokenizer: &Tokenizer) -> Result<Self> {
+        let config_path = dir.join("tokenizer_config.json");
+        let config = read_json(&config_path)?;
+        let mut ids = std::collections::HashMap::new();
+        for code in language_tokens(dir)? {
+            let id = tokenizer.token_to_id(&code).ok_or_else(|| {
+                Error::file(
+                    dir.join("tokenizer.json"),
+                    format!("has no token for the language code `{code}` of tokenizer_config.json"),
+                )
+            })?;
+            ids.insert(code, id);
+        }
+        let eos = tokenizer
+            .token_to_id("</s>")
+            .ok_or_else(|| Error::file(dir.join("tokenizer.json"), "has no `</s>` token"))?;
+        let mut codes = LanguageCodes {
+            ids,
+            source: 0,
+            legacy: config
+                .get("legacy_behaviour")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+            eos,
+        };
+        let source = config.get("src_lang").and_then(|v| v.as_str());
+        codes.source = codes.id(source.unwrap_or("eng_Latn"))?;
+        Ok(codes)
+    }
+
+    fn id(&self, code: &str) -> Result<u32> {
+        self.ids.get(code).copied().ok_or_else(|| {
+            let mut known: Vec<&str> = self.ids.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            Error::invalid(format!(
+                "unknown language `{code}`; this model knows: {}",
+                known.join(", ")
+            ))
+        })
+    }
+
+    /// `[source] text </s>` (legacy: `text </s> [source]`), as NllbTokenizer builds it.
+    fn wrap(&self, text_ids: Vec<u32>) -> Vec<u32> {
+        if self.legacy {
+            text_ids
+                .into_iter()
+                .chain([self.eos, self.source])
+                .collect()
+        } else {
+            std::iter::once(self.source)
+                .chain(text_ids)
+                .chain([self.eos])
+                .collect()
+        }
+    }
 }
 
 impl Seq2SeqTokenizer {
@@ -131,7 +207,7 @@ impl Seq2SeqTokenizer {
     pub fn pieces(&self, text: &str) -> Result<Vec<String>> {
         match self {
             Seq2SeqTokenizer::PieceVocab(t) => t.pieces(text),
-            Seq2SeqTokenizer::Hf(t) => Ok(t
+            Seq2SeqTokenizer::Hf { tokenizer, .. } => Ok(tokenizer
                 .inner()
                 .encode(text, false)
                 .map_err(|e| Error::Tokenizer(e.to_string()))?
@@ -140,11 +216,18 @@ impl Seq2SeqTokenizer {
         }
     }
 
-    /// Source ids, special tokens (`</s>`) included.
+    /// Source ids, special tokens (`</s>`, a language code) included.
     pub fn source_ids(&self, text: &str) -> Result<Vec<u32>> {
         match self {
             Seq2SeqTokenizer::PieceVocab(t) => Ok(t.ids(&t.pieces(text)?)),
-            Seq2SeqTokenizer::Hf(t) => t.encode(text, true),
+            Seq2SeqTokenizer::Hf {
+                tokenizer,
+                languages: None,
+            } => tokenizer.encode(text, true),
+            Seq2SeqTokenizer::Hf {
+                tokenizer,
+                languages: Some(codes),
+            } => Ok(codes.wrap(tokenizer.encode(text, false)?)),
         }
     }
 
@@ -152,15 +235,48 @@ impl Seq2SeqTokenizer {
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         match self {
             Seq2SeqTokenizer::PieceVocab(t) => Ok(t.decode(ids)),
-            Seq2SeqTokenizer::Hf(t) => t.decode(ids, true),
+            Seq2SeqTokenizer::Hf { tokenizer, .. } => tokenizer.decode(ids, true),
         }
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         match self {
             Seq2SeqTokenizer::PieceVocab(t) => t.token_to_id(token),
-            Seq2SeqTokenizer::Hf(t) => t.token_to_id(token),
+            Seq2SeqTokenizer::Hf { tokenizer, .. } => tokenizer.token_to_id(token),
         }
+    }
+
+    fn has_languages(&self) -> bool {
+        match self {
+            Seq2SeqTokenizer::PieceVocab(t) => t.has_languages(),
+            Seq2SeqTokenizer::Hf { languages, .. } => languages.is_some(),
+        }
+    }
+
+    /// The id of a language code's token (`fr` for M2M100, `fra_Latn` for NLLB).
+    fn language_id(&self, code: &str) -> Result<u32> {
+        match self {
+            Seq2SeqTokenizer::PieceVocab(t) if t.has_languages() => t.language_id(code),
+            Seq2SeqTokenizer::Hf {
+                languages: Some(codes),
+                ..
+            } => codes.id(code),
+            _ => Err(Error::invalid("this model does not take language codes")),
+        }
+    }
+
+    /// Put `code`'s token into every source from now on.
+    fn set_source_language(&mut self, code: &str) -> Result<()> {
+        let id = self.language_id(code)?;
+        match self {
+            Seq2SeqTokenizer::PieceVocab(t) => t.source_prefix = Some(id),
+            Seq2SeqTokenizer::Hf { languages, .. } => {
+                if let Some(codes) = languages {
+                    codes.source = id;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -172,13 +288,13 @@ pub struct Translator {
     pub dir: PathBuf,
 }
 
-/// Beams of one source sentence, for the beam search.
-struct SourceDecoder<'a> {
+/// Beams of a batch of source sentences, for the beam search.
+struct SourcesDecoder<'a> {
     model: &'a Seq2SeqModel,
-    memory: EncoderMemory,
+    memories: Vec<EncoderMemory>,
 }
 
-impl StepDecoder for SourceDecoder<'_> {
+impl StepDecoder for SourcesDecoder<'_> {
     type State = KvCache;
 
     fn initial_state(&self) -> KvCache {
@@ -189,22 +305,32 @@ impl StepDecoder for SourceDecoder<'_> {
         state.deep_copy()
     }
 
-    fn step(&self, states: &mut [KvCache], tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+    fn step(
+        &self,
+        sources: &[usize],
+        states: &mut [KvCache],
+        tokens: &[u32],
+    ) -> Result<Vec<Vec<f32>>> {
+        let memories: Vec<&EncoderMemory> = sources.iter().map(|&s| &self.memories[s]).collect();
         Ok(self
             .model
-            .decode_step(&self.memory, tokens, states)?
+            .decode_step(&memories, tokens, states)?
             .to_vec2::<f32>()?)
     }
 }
 
-const ENCODER_DECODERS: &str = "marian (opus-mt), t5 (T5, Flan-T5), m2m_100 (M2M100)";
+const ENCODER_DECODERS: &str = "marian (opus-mt), t5 (T5, Flan-T5), m2m_100 (M2M100, NLLB)";
 
-/// M2M100's language tokens in id order: tokenizer_config.json's `additional_special_tokens`.
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::file(path, format!("invalid JSON: {e}")))
+}
+
+/// M2M100's and NLLB's language tokens in id order: tokenizer_config.json's
+/// `additional_special_tokens`.
 fn language_tokens(dir: &Path) -> Result<Vec<String>> {
     let path = dir.join("tokenizer_config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let config: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::file(&path, format!("invalid JSON: {e}")))?;
+    let config = read_json(&path)?;
     let tokens: Vec<String> = config
         .get("additional_special_tokens")
         .and_then(|v| v.as_array())
@@ -237,9 +363,7 @@ impl Translator {
             }
         };
         let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-        let config: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::file(&config_path, format!("invalid JSON: {e}")))?;
+        let config = read_json(&config_path)?;
         let model_type = config
             .get("model_type")
             .and_then(|v| v.as_str())
@@ -264,14 +388,32 @@ impl Translator {
             "m2m_100" => {
                 let weights = WeightStore::open_hf_dir(&dir)?;
                 let config = serde_json::from_value(config.clone()).map_err(parse_error)?;
-                let spm = dir.join("sentencepiece.bpe.model");
-                let mut tokenizer = PieceVocabTokenizer::load(&spm, &spm, &dir.join("vocab.json"))?
-                    .with_languages(&language_tokens(&dir)?);
-                // transformers' M2M100Tokenizer reads English unless told otherwise.
-                tokenizer.source_prefix = tokenizer.language_id("en").ok();
+                let tokenizer = if dir.join("vocab.json").is_file() {
+                    // M2M100: SentencePiece pieces numbered by vocab.json, language tokens after.
+                    let spm = dir.join("sentencepiece.bpe.model");
+                    let mut tokenizer =
+                        PieceVocabTokenizer::load(&spm, &spm, &dir.join("vocab.json"))?
+                            .with_languages(&language_tokens(&dir)?);
+                    // transformers' M2M100Tokenizer reads English unless told otherwise.
+                    tokenizer.source_prefix = tokenizer.language_id("en").ok();
+                    Seq2SeqTokenizer::PieceVocab(tokenizer)
+                } else if dir.join("tokenizer.json").is_file() {
+                    // NLLB: everything, language codes included, is in tokenizer.json.
+                    let tokenizer = Tokenizer::from_hf_dir(&dir)?;
+                    let languages = LanguageCodes::nllb(&dir, &tokenizer)?;
+                    Seq2SeqTokenizer::Hf {
+                        tokenizer,
+                        languages: Some(languages),
+                    }
+                } else {
+                    return Err(Error::file(
+                        &dir,
+                        "an M2M100 / NLLB checkpoint needs vocab.json (M2M100) or tokenizer.json (NLLB)",
+                    ));
+                };
                 (
                     Seq2SeqModel::Marian(Marian::load(config, Flavor::M2M100, &weights, &device)?),
-                    Seq2SeqTokenizer::PieceVocab(tokenizer),
+                    tokenizer,
                 )
             }
             "t5" => {
@@ -279,7 +421,10 @@ impl Translator {
                 let config = serde_json::from_value(config.clone()).map_err(parse_error)?;
                 (
                     Seq2SeqModel::T5(T5::load(config, &weights, &device)?),
-                    Seq2SeqTokenizer::Hf(Tokenizer::from_hf_dir(&dir)?),
+                    Seq2SeqTokenizer::Hf {
+                        tokenizer: Tokenizer::from_hf_dir(&dir)?,
+                        languages: None,
+                    },
                 )
             }
             other => {
@@ -295,10 +440,7 @@ impl Translator {
         };
         let generation_path = dir.join("generation_config.json");
         let defaults_json = if generation_path.is_file() {
-            let text = std::fs::read_to_string(&generation_path)
-                .map_err(|e| Error::io(&generation_path, e))?;
-            serde_json::from_str(&text)
-                .map_err(|e| Error::file(&generation_path, format!("invalid JSON: {e}")))?
+            read_json(&generation_path)?
         } else {
             config
         };
@@ -313,32 +455,26 @@ impl Translator {
         })
     }
 
-    /// Choose the source and target languages of a multilingual model (M2M100): the source
-    /// token goes before the text, the target token is forced as the first generated one.
+    /// Choose the source and target languages of a multilingual model (M2M100, NLLB): the
+    /// source token goes with the text, the target token is forced as the first generated one.
     pub fn set_languages(
         &mut self,
         source: Option<&str>,
         target: Option<&str>,
         settings: &mut BeamSettings,
     ) -> Result<()> {
-        let Seq2SeqTokenizer::PieceVocab(tokenizer) = &mut self.tokenizer else {
-            return Err(Error::invalid("this model does not take language codes"));
-        };
-        if !tokenizer.has_languages() {
-            return Err(Error::invalid("this model does not take language codes"));
-        }
         if let Some(code) = source {
-            tokenizer.source_prefix = Some(tokenizer.language_id(code)?);
+            self.tokenizer.set_source_language(code)?;
         }
         if let Some(code) = target {
-            settings.forced_bos_token_id = Some(tokenizer.language_id(code)?);
+            settings.forced_bos_token_id = Some(self.tokenizer.language_id(code)?);
         }
         Ok(())
     }
 
     /// Whether the model needs `--tgt` (a multilingual model with language tokens).
     pub fn is_multilingual(&self) -> bool {
-        matches!(&self.tokenizer, Seq2SeqTokenizer::PieceVocab(t) if t.has_languages())
+        self.tokenizer.has_languages()
     }
 
     /// The checkpoint's own search settings (what `model.generate(**inputs)` uses).
@@ -386,12 +522,49 @@ impl Translator {
     /// Translate one text. A text longer than the model's input limit is split at sentence
     /// ends and translated piece by piece (never cut silently).
     pub fn translate(&self, text: &str, settings: &BeamSettings) -> Result<Vec<Translation>> {
+        let mut results = self.translate_batch(&[text], settings, 1)?;
+        results.pop().expect("one result per text")
+    }
+
+    /// Translate several texts; each gets its own result, in order (an empty or over-long text
+    /// fails alone). The sources, pieces of split texts included, are searched `batch` at a
+    /// time in lockstep: one decoder step carries the beams of all of them, so the weights are
+    /// read once per step for the batch. The outer error is the model's, for the whole call.
+    pub fn translate_batch(
+        &self,
+        texts: &[&str],
+        settings: &BeamSettings,
+        batch: usize,
+    ) -> Result<Vec<Result<Vec<Translation>>>> {
+        let plans: Vec<Result<Vec<Vec<u32>>>> =
+            texts.iter().map(|text| self.source_pieces(text)).collect();
+        let sources: Vec<&[u32]> = plans
+            .iter()
+            .flat_map(|plan| plan.iter().flatten().map(Vec::as_slice))
+            .collect();
+        let mut found = Vec::with_capacity(sources.len());
+        for chunk in sources.chunks(batch.max(1)) {
+            found.extend(self.search(chunk, settings)?);
+        }
+        let mut found = found.into_iter();
+        Ok(plans
+            .into_iter()
+            .map(|plan| {
+                let pieces: Vec<Vec<Translation>> = found.by_ref().take(plan?.len()).collect();
+                Self::join(pieces)
+            })
+            .collect())
+    }
+
+    /// The sources a text is translated as: its ids, or those of its sentences when it is over
+    /// the model's input limit.
+    fn source_pieces(&self, text: &str) -> Result<Vec<Vec<u32>>> {
         if text.trim().is_empty() {
             return Err(Error::invalid("nothing to translate: the text is empty"));
         }
         let ids = self.source_ids(text)?;
         let Some(limit) = self.model.max_source_tokens().filter(|&l| ids.len() > l) else {
-            return self.translate_ids(&ids, settings);
+            return Ok(vec![ids]);
         };
         let sentences = split_sentences(text);
         if sentences.len() < 2 {
@@ -400,20 +573,26 @@ impl Translator {
                 ids.len()
             )));
         }
+        let mut pieces = Vec::with_capacity(sentences.len());
+        for sentence in sentences {
+            pieces.extend(self.source_pieces(sentence)?);
+        }
+        Ok(pieces)
+    }
+
+    /// A text's translations from those of its pieces: one piece gives all its hypotheses,
+    /// several give their best ones joined.
+    fn join(mut pieces: Vec<Vec<Translation>>) -> Result<Vec<Translation>> {
+        if pieces.len() == 1 {
+            return Ok(pieces.pop().expect("one piece"));
+        }
         let mut joined = Translation {
             text: String::new(),
             token_ids: Vec::new(),
             score: None,
         };
-        for sentence in sentences {
-            let best = self.translate(
-                sentence,
-                &BeamSettings {
-                    num_return_sequences: 1,
-                    ..settings.clone()
-                },
-            )?;
-            let best = best.into_iter().next().expect("one hypothesis");
+        for piece in pieces {
+            let best = piece.into_iter().next().expect("at least one hypothesis");
             if !joined.text.is_empty() {
                 joined.text.push(' ');
             }
@@ -425,19 +604,32 @@ impl Translator {
 
     /// Translate source ids (already tokenized, `</s>` included).
     pub fn translate_ids(&self, ids: &[u32], settings: &BeamSettings) -> Result<Vec<Translation>> {
-        let decoder = SourceDecoder {
+        Ok(self.search(&[ids], settings)?.pop().expect("one source"))
+    }
+
+    /// Beam search over each source, all in one batch.
+    fn search(&self, sources: &[&[u32]], settings: &BeamSettings) -> Result<Vec<Vec<Translation>>> {
+        let decoder = SourcesDecoder {
             model: &self.model,
-            memory: self.model.encode(ids)?,
+            memories: sources
+                .iter()
+                .map(|ids| self.model.encode(ids))
+                .collect::<Result<_>>()?,
         };
-        let hypotheses = beam_search(&decoder, self.model.decoder_start_token_id(), settings)?;
-        hypotheses
+        let start = self.model.decoder_start_token_id();
+        beam_search_batch(&decoder, sources.len(), start, settings)?
             .into_iter()
-            .map(|Hypothesis { tokens, score }| {
-                Ok(Translation {
-                    text: self.tokenizer.decode(&tokens[1..])?,
-                    token_ids: tokens,
-                    score: Some(score),
-                })
+            .map(|hypotheses| {
+                hypotheses
+                    .into_iter()
+                    .map(|Hypothesis { tokens, score }| {
+                        Ok(Translation {
+                            text: self.tokenizer.decode(&tokens[1..])?,
+                            token_ids: tokens,
+                            score: Some(score),
+                        })
+                    })
+                    .collect()
             })
             .collect()
     }

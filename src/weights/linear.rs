@@ -37,24 +37,35 @@ impl QuantWeight {
 
     /// Rows `ids` dequantized to f32: (n, cols).
     fn rows(&self, ids: &Tensor) -> Result<Tensor> {
-        let ids = ids.flatten_all()?.to_vec1::<u32>()?;
         let matrix = self.matrix();
-        let mut out = vec![0f32; ids.len() * self.0.cols()];
-        for (row, chunk) in ids.iter().zip(out.chunks_mut(self.0.cols())) {
-            if *row as usize >= self.0.rows() {
-                return Err(crate::Error::invalid(format!(
-                    "token id {row} is outside the embedding table of {}",
-                    self.0.rows()
-                )));
-            }
-            kernels::dequantize_row(&matrix, *row as usize, chunk);
-        }
-        Ok(Tensor::from_vec(
-            out,
-            (ids.len(), self.0.cols()),
-            &candle_core::Device::Cpu,
-        )?)
+        gather_rows(ids, self.0.rows(), self.0.cols(), |row, out| {
+            kernels::dequantize_row(&matrix, row, out)
+        })
     }
+}
+
+/// Rows `ids` (n,) of a (rows, cols) table as an (n, cols) f32 tensor, each read by `read_row`.
+fn gather_rows(
+    ids: &Tensor,
+    rows: usize,
+    cols: usize,
+    read_row: impl Fn(usize, &mut [f32]),
+) -> Result<Tensor> {
+    let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+    let mut out = vec![0f32; ids.len() * cols];
+    for (row, chunk) in ids.iter().zip(out.chunks_mut(cols)) {
+        if *row as usize >= rows {
+            return Err(crate::Error::invalid(format!(
+                "token id {row} is outside the embedding table of {rows}"
+            )));
+        }
+        read_row(*row as usize, chunk);
+    }
+    Ok(Tensor::from_vec(
+        out,
+        (ids.len(), cols),
+        &candle_core::Device::Cpu,
+    )?)
 }
 
 /// `f(x rows, m, out)` over x (m, cols) read in place as f32 on the CPU, giving (m, out_cols).
@@ -388,6 +399,8 @@ fn out_shape(mut dims: Vec<usize>, out_features: usize) -> Vec<usize> {
 #[derive(Clone)]
 pub enum Embedding {
     Dense(Tensor),
+    /// A tied f32 table, packed for the output projection it doubles as.
+    Packed(Arc<PackedMatrix>),
     Quant(QuantWeight),
     CandleQuant(Arc<QTensor>),
 }
@@ -397,6 +410,9 @@ impl Embedding {
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Embedding::Dense(table) => table.index_select(ids, 0)?,
+            Embedding::Packed(p) => {
+                gather_rows(ids, p.rows(), p.cols(), |row, out| p.row_into(row, out))?
+            }
             Embedding::Quant(q) => q.rows(ids)?,
             Embedding::CandleQuant(q) => q.embedding(ids)?,
         })
@@ -405,6 +421,7 @@ impl Embedding {
     pub fn hidden_size(&self) -> Result<usize> {
         Ok(match self {
             Embedding::Dense(t) => t.dim(D::Minus1)?,
+            Embedding::Packed(p) => p.cols(),
             Embedding::Quant(q) => q.0.cols(),
             Embedding::CandleQuant(q) => q.shape().dim(D::Minus1)?,
         })

@@ -344,9 +344,20 @@ impl WeightStore {
     }
 
     /// The output projection that shares the embedding table (tied embeddings).
-    pub fn tied_linear(embedding: &Embedding, vocab: usize, hidden: usize) -> Result<Linear> {
+    /// A frozen f32 table on the CPU is packed once for our matmul kernel and `embedding` then
+    /// looks rows up in the packed copy, so the table is held once.
+    pub fn tied_linear(embedding: &mut Embedding, vocab: usize, hidden: usize) -> Result<Linear> {
+        if let Embedding::Dense(t) = embedding {
+            let frozen = !t.is_variable() && !t.track_op();
+            if frozen && t.dtype() == DType::F32 && t.device().is_cpu() {
+                if let LinearWeight::Packed(p) = LinearWeight::dense(t.clone())? {
+                    *embedding = Embedding::Packed(p);
+                }
+            }
+        }
         let weight = match embedding {
             Embedding::Dense(t) => LinearWeight::Dense(t.clone()),
+            Embedding::Packed(p) => LinearWeight::Packed(p.clone()),
             Embedding::Quant(q) => LinearWeight::Quant(q.clone()),
             Embedding::CandleQuant(q) => {
                 LinearWeight::CandleQuant(Arc::new(QMatMul::from_arc(q.clone())?))
