@@ -78,21 +78,20 @@ fn cpu_matmul(
     let x = x.to_dtype(DType::F32)?.contiguous()?;
     let m = x.dim(0)?;
     let mut out = vec![0f32; m * out_cols];
-    {
-        let (storage, layout) = x.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else {
-            return Err(crate::Error::invalid(
-                "CPU kernels got a tensor on another device",
-            ));
-        };
-        let start = layout.start_offset();
-        f(
-            &cpu.as_slice::<f32>()?[start..start + m * cols],
-            m,
-            &mut out,
-        );
-    }
+    with_host_f32(&x, |data| f(&data[..m * cols], m, &mut out))?;
     Ok(Tensor::from_vec(out, (m, out_cols), x.device())?)
+}
+
+/// `f` over the elements of a contiguous f32 CPU tensor, read in place.
+fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(crate::Error::invalid(
+            "CPU kernels got a tensor on another device",
+        ));
+    };
+    let start = layout.start_offset();
+    Ok(f(&cpu.as_slice::<f32>()?[start..start + t.elem_count()]))
 }
 
 /// The stored form of a weight matrix of shape (out_features, in_features).
@@ -114,7 +113,9 @@ impl LinearWeight {
     pub fn dense(weight: Tensor) -> Result<Self> {
         if weight.dtype() == DType::F32 && weight.device().is_cpu() {
             let (n, k) = weight.dims2()?;
-            let packed = PackedMatrix::pack(&weight.flatten_all()?.to_vec1::<f32>()?, n, k);
+            // Packed straight from the tensor's memory: no third copy of a large table.
+            let weight = weight.contiguous()?;
+            let packed = with_host_f32(&weight, |w| PackedMatrix::pack(w, n, k))?;
             return Ok(LinearWeight::Packed(Arc::new(packed)));
         }
         Ok(LinearWeight::Dense(weight))
