@@ -327,13 +327,13 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
 }
 
 /// M2M100's and NLLB's language tokens in id order: tokenizer_config.json's
-/// `additional_special_tokens`.
+/// `additional_special_tokens` (`extra_special_tokens` as transformers 5 saves it).
 fn language_tokens(dir: &Path) -> Result<Vec<String>> {
     let path = dir.join("tokenizer_config.json");
     let config = read_json(&path)?;
-    let tokens: Vec<String> = config
-        .get("additional_special_tokens")
-        .and_then(|v| v.as_array())
+    let tokens: Vec<String> = ["additional_special_tokens", "extra_special_tokens"]
+        .iter()
+        .find_map(|key| config.get(*key)?.as_array())
         .map(|a| {
             a.iter()
                 .filter_map(|t| t.as_str().or_else(|| t.get("content")?.as_str()))
