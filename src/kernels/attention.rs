@@ -122,9 +122,18 @@ pub fn decode_group_attention(query: GroupQuery<'_>, scores: &mut [f32], out: &m
         );
     }
     #[cfg(target_arch = "x86_64")]
-    if super::features().avx512 && head_dim.is_multiple_of(16) && head_dim <= 128 && group <= 4 {
-        // SAFETY: AVX-512F detected; shapes checked above.
-        unsafe { x86::decode_group(query, scores, out) };
+    if super::features().avx512 && head_dim.is_multiple_of(16) && head_dim <= 128 {
+        // The kernel holds up to 4 query heads in registers: larger groups (Qwen2's 7) go in
+        // chunks of 4, each reading the rows once.
+        let heads = x86::MAX_GROUP;
+        let chunks = q
+            .chunks(heads * head_dim)
+            .zip(scores.chunks_mut(heads * n))
+            .zip(out.chunks_mut(heads * head_dim));
+        for ((q, scores), out) in chunks {
+            // SAFETY: AVX-512F detected; shapes checked above, at most MAX_GROUP heads.
+            unsafe { x86::decode_group(GroupQuery { q, ..query }, scores, out) };
+        }
         return;
     }
     for j in 0..n {
@@ -160,8 +169,11 @@ mod x86 {
 
     use super::GroupQuery;
 
+    /// Query heads one call holds in registers.
+    pub(super) const MAX_GROUP: usize = 4;
+
     /// [`super::decode_group_attention`] with the group's queries and outputs held in
-    /// registers: head_dim ≤ 128 (8 vectors), group ≤ 4.
+    /// registers: head_dim ≤ 128 (8 vectors), group ≤ MAX_GROUP.
     #[target_feature(enable = "avx512f,fma")]
     pub(super) unsafe fn decode_group(query: GroupQuery<'_>, scores: &mut [f32], out: &mut [f32]) {
         let (q, head_dim, n) = (query.q, query.head_dim, query.n);
@@ -169,7 +181,7 @@ mod x86 {
         let group = q.len() / head_dim;
         let vectors = head_dim / 16;
         unsafe {
-            let mut qv = [[_mm512_setzero_ps(); 8]; 4];
+            let mut qv = [[_mm512_setzero_ps(); 8]; MAX_GROUP];
             for g in 0..group {
                 for c in 0..vectors {
                     qv[g][c] = _mm512_loadu_ps(q.as_ptr().add(g * head_dim + c * 16));
@@ -177,7 +189,7 @@ mod x86 {
             }
             for j in 0..n {
                 let key = keys.data.as_ptr().add(j * keys.stride);
-                let mut sums = [_mm512_setzero_ps(); 4];
+                let mut sums = [_mm512_setzero_ps(); MAX_GROUP];
                 for c in 0..vectors {
                     let k = _mm512_loadu_ps(key.add(c * 16));
                     for g in 0..group {
@@ -189,10 +201,10 @@ mod x86 {
                 }
             }
             super::normalize_scores(scores, group, n);
-            let mut acc = [[_mm512_setzero_ps(); 8]; 4];
+            let mut acc = [[_mm512_setzero_ps(); 8]; MAX_GROUP];
             for j in 0..n {
                 let value = values.data.as_ptr().add(j * values.stride);
-                let mut p = [_mm512_setzero_ps(); 4];
+                let mut p = [_mm512_setzero_ps(); MAX_GROUP];
                 for g in 0..group {
                     p[g] = _mm512_set1_ps(*scores.get_unchecked(g * n + j));
                 }
@@ -234,7 +246,13 @@ mod tests {
     fn decode_group_attention_matches_a_plain_softmax_average() {
         // head_dim 64 takes the AVX-512 path where the CPU has it, 12 the portable one; the
         // cache rows sit at a stride wider than a row, as in the KV cache.
-        for (head_dim, group, n) in [(64, 3, 37), (64, 1, 1), (12, 2, 5), (128, 4, 300)] {
+        for (head_dim, group, n) in [
+            (64, 3, 37),
+            (64, 1, 1),
+            (12, 2, 5),
+            (128, 4, 300),
+            (64, 7, 37),
+        ] {
             let stride = head_dim + 8;
             let cell = |i: usize, salt: usize| ((i * 31 + salt) % 97) as f32 / 48.0 - 1.0;
             let q: Vec<f32> = (0..group * head_dim).map(|i| cell(i, 3)).collect();
