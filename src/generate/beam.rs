@@ -124,7 +124,14 @@ impl BeamSettings {
         logits: &mut [f32],
         sequence: &[u32],
         base: f32,
-    ) -> Vec<(f32, u32)> {
+    ) -> Result<Vec<(f32, u32)>> {
+        if logits.iter().any(|l| l.is_nan()) {
+            return Err(Error::invalid(format!(
+                "the model produced NaN logits at generated position {}; its weights or inputs \
+                 are broken",
+                sequence.len()
+            )));
+        }
         log_softmax_inplace(logits);
         self.process(sequence, logits);
         let keep = self.keep();
@@ -138,7 +145,7 @@ impl BeamSettings {
             best.insert(at, (total, token as u32));
             best.truncate(keep);
         }
-        best
+        Ok(best)
     }
 }
 
@@ -343,7 +350,7 @@ pub fn beam_search_batch<D: StepDecoder>(
             .into_par_iter()
             .zip(metas.par_iter())
             .map(|(mut row, (tokens, score))| settings.best_continuations(&mut row, tokens, *score))
-            .collect();
+            .collect::<Result<_>>()?;
         let mut returned = metas
             .into_iter()
             .zip(states)
@@ -416,6 +423,19 @@ mod tests {
         assert_eq!(greedy[0].tokens[..2], [3, 1]);
         let beam = beam_search(&table, 3, &settings(2)).unwrap();
         assert_eq!(beam[0].tokens, [3, 2, 0]);
+    }
+
+    #[test]
+    fn nan_logits_are_an_error_not_a_translation() {
+        let table = Table(vec![
+            vec![0.0, 0.0, 0.0],
+            vec![0.0, 1.0, -5.0],
+            vec![0.0, f32::NAN, 0.0],
+        ]);
+        let err = beam_search(&table, 2, &settings(2)).unwrap_err();
+        assert!(err.to_string().contains("NaN logits"), "{err}");
+        // Greedy from token 1 never feeds token 2, so never meets the NaN row.
+        assert!(beam_search(&table, 1, &settings(1)).is_ok());
     }
 
     #[test]
