@@ -235,6 +235,49 @@ fn nllb_matches_transformers_with_language_codes_from_tokenizer_json() {
     );
 }
 
+/// `--temperature` samples with the core sampler: the seed fixes the draw, other seeds draw
+/// other translations, and every draw ends in EOS; beams with sampling are refused.
+#[test]
+fn encoder_decoder_sampling_follows_the_seed() {
+    let marian = fixture("tiny-marian");
+    let marian = marian.to_str().unwrap();
+    let text = "The cat saw the red apples today.";
+    let draw = |seed: &str| {
+        let args = [
+            "translate",
+            "-m",
+            marian,
+            "--temperature",
+            "1.5",
+            "--seed",
+            seed,
+        ];
+        let (ok, stdout, stderr) = wordloom(&[&args[..], &["--json", text]].concat());
+        assert!(ok, "{stderr}");
+        let line: Value = serde_json::from_str(&stdout).unwrap();
+        ids(&line["translations"][0]["token_ids"])
+    };
+    let first = draw("3");
+    assert_eq!(draw("3"), first);
+    assert_eq!(first.last(), Some(&0), "ends with EOS: {first:?}");
+    let others = [draw("4"), draw("5"), draw("6")];
+    assert!(others.iter().any(|o| *o != first), "{first:?} {others:?}");
+    let (ok, _, stderr) = wordloom(&[
+        "translate",
+        "-m",
+        marian,
+        "--temperature",
+        "1",
+        "--beams",
+        "4",
+        text,
+    ]);
+    assert!(
+        !ok && stderr.contains("beam sampling is not supported"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn translate_command_names_bad_input() {
     let marian = fixture("tiny-marian");

@@ -1,6 +1,7 @@
 use anyhow::Result;
 use clap::Args;
 use wordloom::generate::beam::BeamSettings;
+use wordloom::generate::sampling::SamplingParams;
 use wordloom::generate::sequence::GenerationParams;
 use wordloom::remote::remote_model_name;
 use wordloom::tasks::translate::{
@@ -39,6 +40,19 @@ pub struct TranslateArgs {
     pub length_penalty: Option<f32>,
     #[arg(long)]
     pub no_repeat_ngram_size: Option<usize>,
+    /// Encoder-decoders: sample each token at this temperature (one beam) instead of searching
+    /// (0: search; default: the checkpoint's do_sample). Chat models translate greedily.
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// With sampling: keep the k most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// With sampling: keep the smallest set of tokens with this much probability.
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// With sampling: the same seed gives the same translation.
+    #[arg(long)]
+    pub seed: Option<u64>,
     #[arg(long)]
     pub threads: Option<usize>,
     /// Sources an encoder-decoder searches together: one decoder step carries all their beams,
@@ -98,6 +112,24 @@ fn run_encoder_decoder(
     }
     if let Some(n) = args.no_repeat_ngram_size {
         settings.no_repeat_ngram_size = n;
+    }
+    match args.temperature {
+        Some(t) if t > 0.0 => {
+            let base = settings.sampling.take().unwrap_or_default();
+            settings.sampling = Some(SamplingParams {
+                temperature: t,
+                ..base
+            });
+            // Sampling draws one sequence: one beam unless --beams says otherwise (refused).
+            settings.num_beams = args.beams.unwrap_or(1);
+        }
+        Some(_) => settings.sampling = None,
+        None => {}
+    }
+    if let Some(sampling) = settings.sampling.as_mut() {
+        sampling.top_k = args.top_k.or(sampling.top_k);
+        sampling.top_p = args.top_p.or(sampling.top_p);
+        sampling.seed = args.seed;
     }
     anyhow::ensure!(args.batch_size >= 1, "--batch-size must be at least 1");
     args.input.run(

@@ -9,7 +9,10 @@
 
 use rayon::prelude::*;
 
+use std::collections::HashMap;
+
 use crate::error::{Error, Result};
+use crate::generate::sampling::{Sampler, SamplingParams};
 use crate::kernels::activation::log_softmax_inplace;
 
 /// A decoder that can be stepped one token at a time for several beams.
@@ -60,6 +63,9 @@ pub struct BeamSettings {
     /// Log-softmax again after the processors (`renormalize_logits`), so banned tokens' mass
     /// goes to the others.
     pub renormalize: bool,
+    /// `do_sample`: with one beam, draw each token with the core sampler (temperature, top-k,
+    /// top-p, seed) from the processed distribution instead of taking the best.
+    pub sampling: Option<SamplingParams>,
 }
 
 /// A finished output: the decoder sequence (start token first) and its score.
@@ -116,6 +122,23 @@ impl BeamSettings {
         2.max(1 + self.eos_token_ids.len()) * self.num_beams
     }
 
+    /// The one continuation `sampler` draws from a beam's processed log-probabilities, as
+    /// (accumulated score, token).
+    fn sampled_continuation(
+        &self,
+        logits: &mut [f32],
+        sequence: &[u32],
+        base: f32,
+        sampler: &mut Sampler,
+    ) -> Result<Vec<(f32, u32)>> {
+        check_finite(logits, sequence)?;
+        log_softmax_inplace(logits);
+        self.process(sequence, logits);
+        let log_probs = logits.to_vec();
+        let token = sampler.sample(logits, sequence, &HashMap::new());
+        Ok(vec![(base + log_probs[token as usize], token)])
+    }
+
     /// One beam's `keep` best continuations from its logits (overwritten) as (accumulated
     /// score, token), best first, ties to the lower token as torch.topk breaks them. The
     /// step's best candidates overall are among those of each beam.
@@ -125,13 +148,7 @@ impl BeamSettings {
         sequence: &[u32],
         base: f32,
     ) -> Result<Vec<(f32, u32)>> {
-        if logits.iter().any(|l| l.is_nan()) {
-            return Err(Error::invalid(format!(
-                "the model produced NaN logits at generated position {}; its weights or inputs \
-                 are broken",
-                sequence.len()
-            )));
-        }
+        check_finite(logits, sequence)?;
         log_softmax_inplace(logits);
         self.process(sequence, logits);
         let keep = self.keep();
@@ -147,6 +164,17 @@ impl BeamSettings {
         }
         Ok(best)
     }
+}
+
+fn check_finite(logits: &[f32], sequence: &[u32]) -> Result<()> {
+    if logits.iter().any(|l| l.is_nan()) {
+        return Err(Error::invalid(format!(
+            "the model produced NaN logits at generated position {}; its weights or inputs are \
+             broken",
+            sequence.len()
+        )));
+    }
+    Ok(())
 }
 
 struct Running<S> {
@@ -318,6 +346,17 @@ pub fn beam_search_batch<D: StepDecoder>(
             "max_length leaves no room for a generated token",
         ));
     }
+    // One sampler per source, each seeded alike, so a source samples the same batched or alone.
+    let mut samplers: Vec<Sampler> =
+        match &settings.sampling {
+            Some(_) if beams > 1 => return Err(Error::invalid(
+                "sampling draws one sequence: use 1 beam with it (beam sampling is not supported)",
+            )),
+            Some(params) => (0..sources)
+                .map(|_| Sampler::new(params.clone()))
+                .collect::<Result<_>>()?,
+            None => Vec::new(),
+        };
     let mut searches: Vec<Search<D::State>> = (0..sources)
         .map(|_| Search::new(decoder, start, beams))
         .collect();
@@ -346,11 +385,25 @@ pub fn beam_search_batch<D: StepDecoder>(
             .flat_map(|&s| std::iter::repeat_n(s, beams))
             .collect();
         let logits = decoder.step(&owners, &mut states, &inputs)?;
-        let continuations: Vec<Vec<(f32, u32)>> = logits
-            .into_par_iter()
-            .zip(metas.par_iter())
-            .map(|(mut row, (tokens, score))| settings.best_continuations(&mut row, tokens, *score))
-            .collect::<Result<_>>()?;
+        let continuations: Vec<Vec<(f32, u32)>> = if samplers.is_empty() {
+            logits
+                .into_par_iter()
+                .zip(metas.par_iter())
+                .map(|(mut row, (tokens, score))| {
+                    settings.best_continuations(&mut row, tokens, *score)
+                })
+                .collect::<Result<_>>()?
+        } else {
+            // One beam per search: row i belongs to source owners[i].
+            logits
+                .into_iter()
+                .zip(&metas)
+                .zip(&owners)
+                .map(|((mut row, (tokens, score)), &s)| {
+                    settings.sampled_continuation(&mut row, tokens, *score, &mut samplers[s])
+                })
+                .collect::<Result<_>>()?
+        };
         let mut returned = metas
             .into_iter()
             .zip(states)
@@ -406,6 +459,7 @@ mod tests {
             forced_eos_token_id: None,
             suppressed: vec![],
             renormalize: false,
+            sampling: None,
         }
     }
 
@@ -436,6 +490,45 @@ mod tests {
         assert!(err.to_string().contains("NaN logits"), "{err}");
         // Greedy from token 1 never feeds token 2, so never meets the NaN row.
         assert!(beam_search(&table, 1, &settings(1)).is_ok());
+    }
+
+    #[test]
+    fn sampling_follows_the_seed_alone_or_batched() {
+        // Whatever came before: EOS (0) unlikely, tokens 1..8 equally likely.
+        let flat = Table(vec![[-4.0].into_iter().chain([0.0; 8]).collect(); 9]);
+        let sampled = |seed: u64, sources: usize| {
+            let mut s = settings(1);
+            s.max_length = 12;
+            s.sampling = Some(SamplingParams {
+                temperature: 1.0,
+                seed: Some(seed),
+                ..SamplingParams::default()
+            });
+            beam_search_batch(&flat, sources, 1, &s).unwrap()
+        };
+        let alone = sampled(7, 1);
+        let batched = sampled(7, 3);
+        assert!(
+            batched.iter().all(|h| *h == alone[0]),
+            "same seed per source"
+        );
+        assert_ne!(sampled(8, 1), alone, "another seed, another draw");
+        let tokens = &alone[0][0].tokens;
+        assert!(
+            tokens.len() > 3,
+            "not just greedy's first token: {tokens:?}"
+        );
+        let distinct: std::collections::HashSet<_> = tokens[1..].iter().collect();
+        assert!(
+            distinct.len() > 2,
+            "greedy would repeat token 1: {tokens:?}"
+        );
+        let mut s = settings(2);
+        s.sampling = Some(SamplingParams::default());
+        assert!(
+            beam_search(&flat, 1, &s).is_err(),
+            "beam sampling is refused"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::generate::beam::{
     beam_search_batch, BeamSettings, EarlyStopping, Hypothesis, StepDecoder,
 };
+use crate::generate::sampling::SamplingParams;
 use crate::generate::sequence::GenerationParams;
 use crate::models::marian::{Flavor, Marian};
 use crate::models::t5::T5;
@@ -39,6 +40,14 @@ struct GenerationDefaults {
     eos_token_id: Option<serde_json::Value>,
     #[serde(default)]
     renormalize_logits: bool,
+    #[serde(default)]
+    do_sample: bool,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_k: Option<usize>,
+    #[serde(default)]
+    top_p: Option<f32>,
 }
 
 fn one() -> usize {
@@ -511,6 +520,13 @@ impl Translator {
                 .map(|w| w[0])
                 .collect(),
             renormalize: d.renormalize_logits,
+            // transformers' defaults when do_sample is set: temperature 1, top-k 50.
+            sampling: d.do_sample.then(|| SamplingParams {
+                temperature: d.temperature.unwrap_or(1.0),
+                top_k: Some(d.top_k.unwrap_or(50)).filter(|&k| k > 0),
+                top_p: d.top_p,
+                ..SamplingParams::default()
+            }),
         }
     }
 
