@@ -3,29 +3,44 @@
 /// Exact-GELU (`x·Φ(x)`, transformers' `gelu`) in place. erf uses Abramowitz & Stegun 7.1.26
 /// (absolute error ≤ 1.5e-7), the same order as f32 rounding, so results match PyTorch to ~1e-7.
 pub fn gelu_erf_inplace(values: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if super::features().avx512 {
-        // SAFETY: AVX-512F detected.
-        unsafe { x86::gelu_erf(values) };
-        return;
-    }
-    for v in values.iter_mut() {
-        *v = gelu_erf_scalar(*v);
-    }
+    in_parallel(values, |values| {
+        #[cfg(target_arch = "x86_64")]
+        if super::features().avx512 {
+            // SAFETY: AVX-512F detected.
+            unsafe { x86::gelu_erf(values) };
+            return;
+        }
+        for v in values.iter_mut() {
+            *v = gelu_erf_scalar(*v);
+        }
+    })
+}
+
+/// `f` over contiguous pieces of `values` on the kernel pool (a batch's feed-forward
+/// activations are megabytes; small inputs stay on the calling thread).
+fn in_parallel(values: &mut [f32], f: impl Fn(&mut [f32]) + Sync) {
+    let base = super::SendPtr(values.as_mut_ptr());
+    // ~20 flops per element: weigh each like 16 bytes streamed.
+    super::parallel_chunks(values.len(), 16, |start, end| {
+        // SAFETY: the chunks are disjoint pieces of `values`, which outlives the call.
+        f(unsafe { std::slice::from_raw_parts_mut(base.get().add(start), end - start) })
+    });
 }
 
 /// Tanh-approximated GELU (transformers' `gelu_new` / `gelu_pytorch_tanh`) in place, through
 /// the identity 0.5·(1 + tanh(u)) = 1 / (1 + e^(-2u)), u = √(2/π)·(x + 0.044715·x³).
 pub fn gelu_tanh_inplace(values: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if super::features().avx512 {
-        // SAFETY: AVX-512F detected.
-        unsafe { x86::gelu_tanh(values) };
-        return;
-    }
-    for v in values.iter_mut() {
-        *v = gelu_tanh_scalar(*v);
-    }
+    in_parallel(values, |values| {
+        #[cfg(target_arch = "x86_64")]
+        if super::features().avx512 {
+            // SAFETY: AVX-512F detected.
+            unsafe { x86::gelu_tanh(values) };
+            return;
+        }
+        for v in values.iter_mut() {
+            *v = gelu_tanh_scalar(*v);
+        }
+    })
 }
 
 /// Softmax in place: `values` become e^(v − max) / Σ.
@@ -94,14 +109,14 @@ fn gelu_erf_scalar(x: f32) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use std::arch::x86_64::*;
 
     use super::{A, CUBIC, P, SQRT_2_OVER_PI};
 
     /// e^y, y clamped to [-87, 88]: 2^n · e^r with |r| ≤ ln2/2, degree-6 Taylor.
     #[inline(always)]
-    unsafe fn exp_clamped(y: __m512) -> __m512 {
+    pub(crate) unsafe fn exp_clamped(y: __m512) -> __m512 {
         unsafe {
             let y = _mm512_min_ps(
                 _mm512_max_ps(y, _mm512_set1_ps(-87.0)),

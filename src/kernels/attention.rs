@@ -6,7 +6,8 @@
 //! sum of values, reading q, k and v where the projection wrote them.
 
 /// `qkv`: (batch × t, 3 × hidden) rows holding [q | k | v]; `lengths[b]` real tokens of sequence
-/// b (keys past it are padding). Writes `out`: (batch × t, hidden). q is scaled by 1/√head_dim here.
+/// b (keys past it are padding). Writes `out`: (batch × t, hidden), zeros on padding rows. q is
+/// scaled by 1/√head_dim here.
 pub fn bidirectional_attention(
     qkv: &[f32],
     batch: usize,
@@ -23,32 +24,31 @@ pub fn bidirectional_attention(
     let scale = 1.0 / (head_dim as f32).sqrt();
     let row = 3 * hidden;
     let job = |b: usize, h: usize, out_rows: &mut dyn FnMut(usize, &[f32])| {
-        let len = lengths[b].min(t);
-        let mut scores = vec![0f32; len];
-        let mut acc = vec![0f32; head_dim];
-        for i in 0..t {
-            let q = &qkv[(b * t + i) * row + h * head_dim..][..head_dim];
-            for (j, s) in scores.iter_mut().enumerate() {
-                let k = &qkv[(b * t + j) * row + hidden + h * head_dim..][..head_dim];
-                *s = dot(q, k) * scale;
-            }
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            acc.fill(0.0);
-            for (j, p) in scores.iter().enumerate() {
-                let v = &qkv[(b * t + j) * row + 2 * hidden + h * head_dim..][..head_dim];
-                for (a, x) in acc.iter_mut().zip(v) {
-                    *a += p * x;
-                }
-            }
-            let inv = 1.0 / sum;
-            acc.iter_mut().for_each(|a| *a *= inv);
-            out_rows(b * t + i, &acc);
+        let head = Head {
+            qkv: &qkv[b * t * row..(b + 1) * t * row],
+            row,
+            hidden,
+            offset: h * head_dim,
+            head_dim,
+            len: lengths[b].min(t),
+            scale,
+        };
+        let out_rows = &mut |i: usize, values: &[f32]| out_rows(b * t + i, values);
+        // Padding queries are never read (their keys are masked for everyone else too): zeros.
+        let zeros = vec![0f32; head_dim];
+        for i in head.len..t {
+            out_rows(i, &zeros);
         }
+        #[cfg(target_arch = "x86_64")]
+        if super::features().avx512
+            && head_dim.is_multiple_of(16)
+            && head_dim <= 16 * x86::MAX_VECTORS
+        {
+            // SAFETY: AVX-512F detected; head_dim checked.
+            unsafe { x86::attend_head(head, out_rows) };
+            return;
+        }
+        attend_head(head, out_rows);
     };
     let outp = super::SendPtr(out.as_mut_ptr());
     let tasks = batch * heads;
@@ -68,6 +68,67 @@ pub fn bidirectional_attention(
     } else {
         use rayon::prelude::*;
         (0..tasks).into_par_iter().for_each(work);
+    }
+}
+
+/// One head of one sequence in the fused projections: row `i` of the sequence holds
+/// [q | k | v], this head at `offset` in each part; the first `len` rows are real.
+#[derive(Clone, Copy)]
+struct Head<'a> {
+    qkv: &'a [f32],
+    row: usize,
+    hidden: usize,
+    offset: usize,
+    head_dim: usize,
+    len: usize,
+    scale: f32,
+}
+
+impl Head<'_> {
+    /// Row `i`'s q (`which` 0), k (1) or v (2) of this head.
+    fn part(&self, i: usize, which: usize) -> &[f32] {
+        &self.qkv[i * self.row + which * self.hidden + self.offset..][..self.head_dim]
+    }
+
+    /// The real keys as head_dim rows of `stride` ≥ len positions (zeros past len).
+    fn keys_transposed(&self, stride: usize) -> Vec<f32> {
+        let mut keys_t = vec![0f32; self.head_dim * stride];
+        for j in 0..self.len {
+            for (d, k) in self.part(j, 1).iter().enumerate() {
+                keys_t[d * stride + j] = *k;
+            }
+        }
+        keys_t
+    }
+}
+
+/// Every real query row of `head` against its real keys, each result row to `out_row`: keys
+/// transposed once, so the scores of all keys grow by one query element at a time.
+fn attend_head(head: Head<'_>, out_row: &mut dyn FnMut(usize, &[f32])) {
+    let (head_dim, len, scale) = (head.head_dim, head.len, head.scale);
+    let part = |i: usize, which: usize| head.part(i, which);
+    let keys_t = head.keys_transposed(len);
+    let mut scores = vec![0f32; len];
+    let mut acc = vec![0f32; head_dim];
+    for i in 0..len {
+        scores.fill(0.0);
+        for (d, q) in part(i, 0).iter().enumerate() {
+            let q = q * scale;
+            for (s, k) in scores.iter_mut().zip(&keys_t[d * len..(d + 1) * len]) {
+                *s += q * k;
+            }
+        }
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum = super::activation::exp_shifted_inplace(&mut scores, max);
+        acc.fill(0.0);
+        for (j, p) in scores.iter().enumerate() {
+            for (a, v) in acc.iter_mut().zip(part(j, 2)) {
+                *a += p * v;
+            }
+        }
+        let inv = 1.0 / sum;
+        acc.iter_mut().for_each(|a| *a *= inv);
+        out_row(i, &acc);
     }
 }
 
@@ -167,10 +228,67 @@ fn normalize_scores(scores: &mut [f32], group: usize, n: usize) {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::GroupQuery;
+    use super::{GroupQuery, Head};
+    use crate::kernels::activation::x86::exp_clamped;
+    use crate::kernels::x86::lane_mask;
 
     /// Query heads one call holds in registers.
     pub(super) const MAX_GROUP: usize = 4;
+    /// Vectors of one head's output row held in registers (head_dim ≤ 128).
+    pub(super) const MAX_VECTORS: usize = 8;
+
+    /// [`super::attend_head`] in registers: the scores of 16 keys at a time accumulate over the
+    /// query's elements in one vector, the output row (head_dim / 16 vectors) over the keys.
+    /// head_dim a multiple of 16, at most 16 · MAX_VECTORS.
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn attend_head(head: Head<'_>, out_row: &mut dyn FnMut(usize, &[f32])) {
+        let (head_dim, len, scale) = (head.head_dim, head.len, head.scale);
+        let part = |i: usize, which: usize| head.part(i, which);
+        let padded = len.div_ceil(16) * 16;
+        let keys_t = head.keys_transposed(padded);
+        let mut scores = vec![0f32; padded];
+        let mut result = vec![0f32; head_dim];
+        let vectors = head_dim / 16;
+        unsafe {
+            for i in 0..len {
+                let q = part(i, 0);
+                let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+                for c in 0..padded / 16 {
+                    let mut s = _mm512_setzero_ps();
+                    for (d, qd) in q.iter().enumerate() {
+                        let k = _mm512_loadu_ps(keys_t.as_ptr().add(d * padded + c * 16));
+                        s = _mm512_fmadd_ps(_mm512_set1_ps(qd * scale), k, s);
+                    }
+                    let real = lane_mask(len - c * 16);
+                    max = _mm512_mask_max_ps(max, real, max, s);
+                    _mm512_storeu_ps(scores.as_mut_ptr().add(c * 16), s);
+                }
+                let max = _mm512_set1_ps(_mm512_reduce_max_ps(max));
+                let mut sum = _mm512_setzero_ps();
+                for c in 0..padded / 16 {
+                    let s = _mm512_loadu_ps(scores.as_ptr().add(c * 16));
+                    let e = _mm512_maskz_mov_ps(
+                        lane_mask(len - c * 16),
+                        exp_clamped(_mm512_sub_ps(s, max)),
+                    );
+                    sum = _mm512_add_ps(sum, e);
+                    _mm512_storeu_ps(scores.as_mut_ptr().add(c * 16), e);
+                }
+                let mut acc = [_mm512_setzero_ps(); MAX_VECTORS];
+                for (j, p) in scores[..len].iter().enumerate() {
+                    let (p, v) = (_mm512_set1_ps(*p), part(j, 2).as_ptr());
+                    for (x, a) in acc.iter_mut().enumerate().take(vectors) {
+                        *a = _mm512_fmadd_ps(p, _mm512_loadu_ps(v.add(x * 16)), *a);
+                    }
+                }
+                let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
+                for (x, a) in acc.iter().enumerate().take(vectors) {
+                    _mm512_storeu_ps(result.as_mut_ptr().add(x * 16), _mm512_mul_ps(*a, inv));
+                }
+                out_row(i, &result);
+            }
+        }
+    }
 
     /// [`super::decode_group_attention`] with the group's queries and outputs held in
     /// registers: head_dim ≤ 128 (8 vectors), group ≤ MAX_GROUP.
@@ -304,14 +422,24 @@ mod tests {
 
     #[test]
     fn matches_naive_attention_with_padding() {
-        let (batch, t, heads, hd) = (2, 5, 3, 4);
+        // head_dim 4: the portable loops; 32 and 64: the AVX-512 kernel, one and several
+        // 16-key chunks, partly filled.
+        for (batch, t, heads, hd, lengths) in [
+            (2, 5, 3, 4, vec![5, 3]),
+            (2, 21, 2, 32, vec![21, 17]),
+            (2, 40, 1, 64, vec![7, 40]),
+        ] {
+            check_against_naive(batch, t, heads, hd, &lengths);
+        }
+    }
+
+    fn check_against_naive(batch: usize, t: usize, heads: usize, hd: usize, lengths: &[usize]) {
         let hidden = heads * hd;
         let qkv: Vec<f32> = (0..batch * t * 3 * hidden)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
             .collect();
-        let lengths = [5, 3];
-        let mut out = vec![0f32; batch * t * hidden];
-        bidirectional_attention(&qkv, batch, t, heads, hd, &lengths, &mut out);
+        let mut out = vec![f32::NAN; batch * t * hidden];
+        bidirectional_attention(&qkv, batch, t, heads, hd, lengths, &mut out);
         for b in 0..batch {
             for h in 0..heads {
                 for i in 0..t {
@@ -324,6 +452,11 @@ mod tests {
                                 / (hd as f64).sqrt()
                         })
                         .collect();
+                    if i >= lengths[b] {
+                        let row = &out[(b * t + i) * hidden + h * hd..][..hd];
+                        assert!(row.iter().all(|v| *v == 0.0), "padding row b{b} i{i}");
+                        continue;
+                    }
                     let m = s.iter().cloned().fold(f64::MIN, f64::max);
                     let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
                     let z: f64 = e.iter().sum();
