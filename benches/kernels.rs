@@ -1,14 +1,25 @@
 //! Weight-streaming rate of the quantized decode kernels (one activation row), on matrices
 //! shaped like SmolLM2-135M's layers and totalling about its 92 MB, so the weights come from
 //! memory as in a real decode step:
-//! `cargo bench --bench kernels` (threads: RAYON_NUM_THREADS, default all cores).
+//! `cargo bench --bench kernels` (threads: RAYON_NUM_THREADS, default all cores). Then the f32
+//! products of many rows, on the AVX-512 kernel and the AMX tiles (`BENCH_DENSE_ONLY=1`: only
+//! those).
 
 use std::time::Instant;
+use wordloom::kernels::dense::{packed_matmul_forced, PackedMatrix};
 use wordloom::kernels::{
     quant_matmul_forced, quant_matmul_precise, reference, QuantKind, QuantTensor,
 };
 
 fn main() {
+    if std::env::var_os("BENCH_DENSE_ONLY").is_some() {
+        let mut seed = 5u32;
+        dense_f32(&mut move || {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        });
+        return;
+    }
     // BENCH_MB: total weight bytes per pass (default: SmolLM2's 92 MB; small = in cache).
     let total_mb: usize = std::env::var("BENCH_MB")
         .ok()
@@ -82,5 +93,42 @@ fn main() {
             }
             println!("{line}");
         }
+    }
+    dense_f32(&mut rand);
+}
+
+/// f32 products of many rows (encoders at batch, prefill) on MiniLM-shaped layers: the AVX-512
+/// panel kernel against the AMX bf16×3 tiles (where the CPU has them), in GFLOP/s.
+fn dense_f32(rand: &mut impl FnMut() -> f32) {
+    let shapes = [(1152, 384), (384, 384), (1536, 384), (384, 1536)];
+    let layers: Vec<PackedMatrix> = shapes
+        .iter()
+        .map(|&(n, k)| {
+            let w: Vec<f32> = (0..n * k).map(|_| rand() * 0.1).collect();
+            PackedMatrix::pack(&w, n, k)
+        })
+        .collect();
+    let x: Vec<f32> = (0..1024 * 1536).map(|_| rand()).collect();
+    let mut out = vec![0f32; 1024 * 1536];
+    wordloom::kernels::set_matmul_precision(wordloom::kernels::MatmulPrecision::High);
+    let tiles = match wordloom::kernels::dense_path() {
+        "amx-bf16x3" => "AMX bf16x3",
+        _ => "(no AMX here: f32 again)",
+    };
+    for m in [16, 32, 64, 128, 704] {
+        let flops: usize = shapes.iter().map(|&(n, k)| 2 * m * n * k).sum();
+        let mut line = format!("f32 dense m={m:4}:");
+        for (name, amx) in [("AVX-512", false), (tiles, true)] {
+            let mut best = f64::MAX;
+            for _ in 0..(20_000 / m).clamp(5, 200) {
+                let t0 = Instant::now();
+                for (layer, &(n, k)) in layers.iter().zip(&shapes) {
+                    packed_matmul_forced(layer, &x[..m * k], m, None, &mut out[..m * n], Some(amx));
+                }
+                best = best.min(t0.elapsed().as_secs_f64());
+            }
+            line += &format!("  {name} {:.0} GFLOP/s", flops as f64 / best / 1e9);
+        }
+        println!("{line}");
     }
 }

@@ -23,6 +23,8 @@ embed_round() {
   "$PYTHON" scripts/bench_embed_torch.py --sentences 256 --write-sentences "$SENTENCES" >/dev/null
   for batch in 1 32; do
     $W bench --task embed -m "$MINILM" --threads "$THREADS" --batch-size "$batch" --sentences "$SENTENCES" --repetitions 3 --json
+    # bf16x3 on AMX (where the CPU has it; otherwise the same f32 path again)
+    $W --matmul-precision high bench --task embed -m "$MINILM" --threads "$THREADS" --batch-size "$batch" --sentences "$SENTENCES" --repetitions 3 --json
     "$PYTHON" scripts/bench_embed_torch.py --model "$MINILM" --threads "$THREADS" --batch "$batch" --file "$SENTENCES" --repetitions 3 --json 2>/dev/null
   done
 }

@@ -379,3 +379,65 @@ fn minilm_embeds_and_searches_by_meaning() {
     );
     assert_eq!(hits[0]["results"][0]["index"], 1, "{}", hits[0]);
 }
+
+/// `--matmul-precision high` (bf16×3 on AMX where the CPU has it) still meets the embedding
+/// parity bar, cosine ≥ 0.9999 with sentence-transformers, batched over the reference texts; and
+/// its vectors stay within 1e-3 of the default f32 path's.
+#[test]
+fn minilm_high_precision_keeps_sentence_transformers_parity() {
+    let path = common::minilm_path();
+    let m = path.to_string_lossy().into_owned();
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("minilm/embeddings.json")).unwrap())
+            .unwrap();
+    let texts: Vec<String> = reference["texts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| serde_json::json!({ "text": t }).to_string())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(&dir, "texts.jsonl", (texts.join("\n") + "\n").as_bytes());
+    let embed = |precision: &str| {
+        let args = [
+            "--matmul-precision",
+            precision,
+            "embed",
+            "-m",
+            &m,
+            "--json",
+            "--file",
+            &file,
+        ];
+        let rows = jsonl(&args, None);
+        assert_eq!(rows.len(), texts.len());
+        rows.iter()
+            .map(|r| {
+                let v = r["embedding"].as_array().unwrap();
+                v.iter().map(|x| x.as_f64().unwrap()).collect::<Vec<f64>>()
+            })
+            .collect::<Vec<_>>()
+    };
+    let (high, highest) = (embed("high"), embed("highest"));
+    for (i, (h, exact)) in high.iter().zip(&highest).enumerate() {
+        let want: Vec<f64> = reference["embeddings"][i]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        let dot: f64 = h.iter().zip(&want).map(|(a, b)| a * b).sum();
+        let norms = h.iter().map(|a| a * a).sum::<f64>().sqrt()
+            * want.iter().map(|b| b * b).sum::<f64>().sqrt();
+        assert!(dot / norms >= 0.9999, "text {i}: cosine {}", dot / norms);
+        let diff = h
+            .iter()
+            .zip(exact)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f64, f64::max);
+        assert!(diff < 1e-3, "text {i}: high vs highest differ by {diff}");
+    }
+    // An unknown precision is refused by name.
+    let (ok, _, stderr) = wordloom(&["--matmul-precision", "low", "embed", "x"], None);
+    assert!(!ok && stderr.contains("low"), "{stderr}");
+}

@@ -40,6 +40,8 @@ struct EmbedReport {
     model: String,
     threads: usize,
     batch_size: usize,
+    /// What f32 products of many rows ran on (`--matmul-precision`).
+    dense_kernels: &'static str,
     sentences: usize,
     mean_tokens: f64,
     sentences_per_second: f64,
@@ -88,6 +90,7 @@ fn run_embed(args: BenchArgs) -> Result<()> {
         model: spec,
         threads: rayon::current_num_threads(),
         batch_size: args.batch_size,
+        dense_kernels: wordloom::kernels::dense_path(),
         sentences: texts.len(),
         mean_tokens: tokens as f64 / texts.len() as f64,
         sentences_per_second: median(&mut rates),
@@ -98,7 +101,10 @@ fn run_embed(args: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!("model      {}", report.model);
-        println!("threads    {}  batch {}", report.threads, report.batch_size);
+        println!(
+            "threads    {}  batch {}  (f32 products: {})",
+            report.threads, report.batch_size, report.dense_kernels
+        );
         println!(
             "embed      {:.1} sentences/s ({} sentences, {:.1} tokens on average)",
             report.sentences_per_second, report.sentences, report.mean_tokens
@@ -178,6 +184,8 @@ struct BenchReport {
     threads: usize,
     /// Instruction path of the quantized kernels on this machine.
     kernels: &'static str,
+    /// What f32 products of many rows ran on (`--matmul-precision`).
+    dense_kernels: &'static str,
     prompt_tokens: usize,
     gen_tokens: usize,
     prefill_tokens_per_second: f64,
@@ -245,6 +253,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         model: lm.source.path().display().to_string(),
         threads: rayon::current_num_threads(),
         kernels: wordloom::kernels::kernel_path(),
+        dense_kernels: wordloom::kernels::dense_path(),
         prompt_tokens: args.prompt_tokens,
         gen_tokens: args.gen_tokens,
         prefill_tokens_per_second: median(&mut prefill),
@@ -256,7 +265,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!("model    {}", report.model);
-        println!("threads  {} ({} kernels)", report.threads, report.kernels);
+        println!(
+            "threads  {} ({} kernels, f32 products: {})",
+            report.threads, report.kernels, report.dense_kernels
+        );
         println!(
             "prefill  {:.1} tokens/s ({} tokens)",
             report.prefill_tokens_per_second, report.prompt_tokens

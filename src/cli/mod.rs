@@ -32,6 +32,17 @@ use wordloom::{LanguageModel, LoadOptions};
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// f32 matrix products: `highest` (f32 arithmetic, the default) or `high` (bf16x3 on the
+    /// CPU's AMX tile unit where it has one: ~16 instead of 24 bits per product, 1.5-2x faster
+    /// on batches of 16+ rows).
+    #[arg(long, global = true, value_enum, default_value_t = MatmulPrecisionArg::Highest, env = "WORDLOOM_MATMUL_PRECISION")]
+    matmul_precision: MatmulPrecisionArg,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MatmulPrecisionArg {
+    Highest,
+    High,
 }
 
 #[derive(Subcommand)]
@@ -198,6 +209,10 @@ pub fn init_logging() {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    wordloom::kernels::set_matmul_precision(match cli.matmul_precision {
+        MatmulPrecisionArg::Highest => wordloom::kernels::MatmulPrecision::Highest,
+        MatmulPrecisionArg::High => wordloom::kernels::MatmulPrecision::High,
+    });
     match cli.command {
         Command::Generate(args) => with_threads(args.model.threads, || generate::run(args)),
         Command::Chat(args) => with_threads(args.model.threads, || chat::run(args)),
