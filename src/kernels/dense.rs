@@ -6,6 +6,7 @@
 //! micro-kernel streams them straight from memory: `MR` activation rows × `NR` columns held in
 //! AVX-512 registers, one broadcast and two FMAs per (row, k).
 
+#[cfg(target_arch = "x86_64")]
 use std::sync::OnceLock;
 
 use super::{features, par_ranges, SendPtr};
@@ -17,7 +18,8 @@ const MR: usize = 12;
 /// k-block length: one panel slice (KC × NR floats = 32 KB) stays in L1/L2 across row blocks.
 const KC: usize = 256;
 /// From this many activation rows on, `MatmulPrecision::High` runs the product on the AMX tiles
-/// where the CPU has them (`cargo bench --bench kernels`: 1.6x the f32 kernel at 16 rows).
+/// where the CPU has them (`cargo bench --bench kernels`: 1.4x the f32 kernel at 16 rows).
+#[cfg(target_arch = "x86_64")]
 const AMX_MIN_ROWS: usize = 16;
 
 /// An (n × k) row-major weight matrix (HF's `out_features × in_features`), repacked into
@@ -123,14 +125,18 @@ pub fn packed_matmul_forced(
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    let high = super::matmul_precision() == super::MatmulPrecision::High;
-    if amx.unwrap_or(high && m >= AMX_MIN_ROWS) && super::amx::available() {
-        let tiles = w.tiles.get_or_init(|| {
-            super::amx::AmxWeights::pack(n, k, |j, i| w.panels[(j / NR * k + i) * NR + j % NR])
-        });
-        super::amx::matmul(tiles, x, m, k, bias, out);
-        return;
+    {
+        let high = super::matmul_precision() == super::MatmulPrecision::High;
+        if amx.unwrap_or(high && m >= AMX_MIN_ROWS) && super::amx::available() {
+            let tiles = w.tiles.get_or_init(|| {
+                super::amx::AmxWeights::pack(n, k, |j, i| w.panels[(j / NR * k + i) * NR + j % NR])
+            });
+            super::amx::matmul(tiles, x, m, k, bias, out);
+            return;
+        }
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = amx; // no tile unit to force
     let outp = SendPtr(out.as_mut_ptr());
     let panels = n.div_ceil(NR);
     // Work per panel in the units par_ranges expects (≈ bytes streamed): weights plus FMAs.
