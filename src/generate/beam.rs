@@ -122,6 +122,14 @@ impl BeamSettings {
         2.max(1 + self.eos_token_ids.len()) * self.num_beams
     }
 
+    /// A beam's logits (overwritten) as log-probabilities after the processors; NaN is an error.
+    fn processed_log_probs(&self, logits: &mut [f32], sequence: &[u32]) -> Result<()> {
+        check_finite(logits, sequence)?;
+        log_softmax_inplace(logits);
+        self.process(sequence, logits);
+        Ok(())
+    }
+
     /// The one continuation `sampler` draws from a beam's processed log-probabilities, as
     /// (accumulated score, token).
     fn sampled_continuation(
@@ -131,9 +139,7 @@ impl BeamSettings {
         base: f32,
         sampler: &mut Sampler,
     ) -> Result<Vec<(f32, u32)>> {
-        check_finite(logits, sequence)?;
-        log_softmax_inplace(logits);
-        self.process(sequence, logits);
+        self.processed_log_probs(logits, sequence)?;
         let log_probs = logits.to_vec();
         let token = sampler.sample(logits, sequence, &HashMap::new());
         Ok(vec![(base + log_probs[token as usize], token)])
@@ -148,9 +154,7 @@ impl BeamSettings {
         sequence: &[u32],
         base: f32,
     ) -> Result<Vec<(f32, u32)>> {
-        check_finite(logits, sequence)?;
-        log_softmax_inplace(logits);
-        self.process(sequence, logits);
+        self.processed_log_probs(logits, sequence)?;
         let keep = self.keep();
         let mut best: Vec<(f32, u32)> = Vec::with_capacity(keep + 1);
         for (token, &score) in logits.iter().enumerate() {

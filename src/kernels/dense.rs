@@ -82,11 +82,15 @@ impl PackedMatrix {
         self.k
     }
 
+    /// Element (row, col) of the (n × k) matrix.
+    fn element(&self, row: usize, col: usize) -> f32 {
+        self.panels[((row / NR) * self.k + col) * NR + row % NR]
+    }
+
     /// Row `row` of the (n × k) matrix, into `out` (k floats).
     pub fn row_into(&self, row: usize, out: &mut [f32]) {
-        let panel = &self.panels[(row / NR) * self.k * NR..][..self.k * NR];
-        for (v, k_row) in out.iter_mut().zip(panel.chunks_exact(NR)) {
-            *v = k_row[row % NR];
+        for (col, v) in out.iter_mut().enumerate() {
+            *v = self.element(row, col);
         }
     }
 
@@ -128,9 +132,9 @@ pub fn packed_matmul_forced(
     {
         let high = super::matmul_precision() == super::MatmulPrecision::High;
         if amx.unwrap_or(high && m >= AMX_MIN_ROWS) && super::amx::available() {
-            let tiles = w.tiles.get_or_init(|| {
-                super::amx::AmxWeights::pack(n, k, |j, i| w.panels[(j / NR * k + i) * NR + j % NR])
-            });
+            let tiles = w
+                .tiles
+                .get_or_init(|| super::amx::AmxWeights::pack(n, k, |j, i| w.element(j, i)));
             super::amx::matmul(tiles, x, m, k, bias, out);
             return;
         }
