@@ -66,8 +66,7 @@ pub fn bidirectional_attention(
     if tasks * t * t * head_dim < 25_000 || rayon::current_num_threads() == 1 {
         (0..tasks).for_each(work);
     } else {
-        use rayon::prelude::*;
-        (0..tasks).into_par_iter().for_each(work);
+        super::parallel_tasks(tasks, work);
     }
 }
 

@@ -49,6 +49,7 @@ pub mod activation;
 mod amx;
 pub mod attention;
 pub mod dense;
+pub mod norm;
 mod pool;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
@@ -455,6 +456,7 @@ fn par_ranges(
     spinning: bool,
     f: impl Fn(usize, usize) + Sync,
 ) {
+    let spinning = spinning || on_kernel_pool_only();
     let threads = rayon::current_num_threads().max(1);
     let total = n.saturating_mul(work_per_item);
     // Below ~48 KB of weight stream (a few µs) per chunk a fork-join is not worth it.
@@ -484,6 +486,35 @@ fn par_ranges(
     } else {
         use rayon::prelude::*;
         (0..chunks).into_par_iter().for_each(task);
+    }
+}
+
+thread_local! {
+    static KERNEL_POOL_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every kernel it calls on this thread parallelised over the spinning kernel
+/// pool, rayon left idle. For a forward pass made of our kernels alone (nothing of candle's in
+/// between): two pools would otherwise take turns spinning on each other's cores.
+pub fn on_kernel_pool<R>(f: impl FnOnce() -> R) -> R {
+    let before = KERNEL_POOL_ONLY.replace(true);
+    let result = f();
+    KERNEL_POOL_ONLY.set(before);
+    result
+}
+
+fn on_kernel_pool_only() -> bool {
+    KERNEL_POOL_ONLY.get()
+}
+
+/// `f(i)` for `i` in `0..tasks`, on the kernel pool inside [`on_kernel_pool`], on rayon's pool
+/// otherwise.
+pub(crate) fn parallel_tasks(tasks: usize, f: impl Fn(usize) + Sync) {
+    if on_kernel_pool_only() {
+        pool::global().run(tasks, &f);
+    } else {
+        use rayon::prelude::*;
+        (0..tasks).into_par_iter().for_each(&f);
     }
 }
 

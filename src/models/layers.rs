@@ -49,6 +49,26 @@ impl LayerNorm {
     }
 }
 
+impl LayerNorm {
+    /// `x ← LayerNorm(x + residual)` on host rows (where [`LayerNorm::has_host_kernel`]).
+    pub fn add_forward_host(&self, x: &mut [f32], residual: &[f32]) -> Result<()> {
+        use crate::weights::linear::with_host_f32;
+        with_host_f32(&self.weight, |gamma| {
+            with_host_f32(&self.bias, |beta| {
+                crate::kernels::norm::add_layer_norm(x, residual, gamma, beta, self.eps)
+            })
+        })??;
+        Ok(())
+    }
+
+    /// Frozen f32 weights on the CPU, contiguous: what the host kernel reads.
+    pub fn has_host_kernel(&self) -> bool {
+        [&self.weight, &self.bias]
+            .iter()
+            .all(|t| host_f32(t) && t.is_contiguous() && t.rank() == 1)
+    }
+}
+
 /// The feed-forward activations of `hidden_act` / `activation` in HF configs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
@@ -93,6 +113,20 @@ impl Activation {
             Activation::Silu => x.silu()?,
             Activation::Tanh => x.tanh()?,
         })
+    }
+}
+
+impl Activation {
+    /// The activation in place over host values (inference; parallel over the kernel pool
+    /// where the values are many).
+    pub fn apply_host(self, values: &mut [f32]) {
+        match self {
+            Activation::Gelu => activation::gelu_erf_inplace(values),
+            Activation::GeluTanh => activation::gelu_tanh_inplace(values),
+            Activation::Relu => values.iter_mut().for_each(|v| *v = v.max(0.0)),
+            Activation::Silu => values.iter_mut().for_each(|v| *v /= 1.0 + (-*v).exp()),
+            Activation::Tanh => values.iter_mut().for_each(|v| *v = v.tanh()),
+        }
     }
 }
 

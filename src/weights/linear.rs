@@ -83,7 +83,7 @@ fn cpu_matmul(
 }
 
 /// `f` over the elements of a contiguous f32 CPU tensor, read in place.
-fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+pub(crate) fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let candle_core::Storage::Cpu(cpu) = &*storage else {
         return Err(crate::Error::invalid(
@@ -178,6 +178,26 @@ impl Linear {
 
     pub fn out_features(&self) -> usize {
         self.out_features
+    }
+
+    /// `out (m × out) = x (m × in) · Wᵀ + b` straight on host rows, for forward passes that keep
+    /// their activations out of candle (where [`Linear::has_host_kernel`]).
+    pub fn forward_host(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        match &self.weight {
+            LinearWeight::Packed(p) if self.lora.is_none() => {
+                let bias = self.host_bias.as_deref().map(Vec::as_slice);
+                packed_matmul(p, x, m, bias, out);
+                Ok(())
+            }
+            _ => Err(crate::Error::invalid(
+                "this layer has no host kernel (weights not packed f32, or an adapter attached)",
+            )),
+        }
+    }
+
+    /// Whether [`Linear::forward_host`] runs for this layer.
+    pub fn has_host_kernel(&self) -> bool {
+        matches!(self.weight, LinearWeight::Packed(_)) && self.lora.is_none()
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
