@@ -237,54 +237,95 @@ mod x86 {
     pub(super) const MAX_VECTORS: usize = 8;
 
     /// [`super::attend_head`] in registers: the scores of 16 keys at a time accumulate over the
-    /// query's elements in one vector, the output row (head_dim / 16 vectors) over the keys.
-    /// head_dim a multiple of 16, at most 16 · MAX_VECTORS.
+    /// query's elements in one vector, the output row (head_dim / 16 vectors) over the keys; a
+    /// block of queries goes together, so each key and value vector loaded serves all of them
+    /// and the block's sums are independent chains of FMAs. head_dim a multiple of 16, at most
+    /// 16 · MAX_VECTORS.
     #[target_feature(enable = "avx512f,fma")]
     pub(super) unsafe fn attend_head(head: Head<'_>, out_row: &mut dyn FnMut(usize, &[f32])) {
+        unsafe {
+            match head.head_dim / 16 {
+                1 => attend_blocks::<1, 4>(head, out_row),
+                2 => attend_blocks::<2, 4>(head, out_row),
+                3 => attend_blocks::<3, 4>(head, out_row),
+                4 => attend_blocks::<4, 4>(head, out_row),
+                5 => attend_blocks::<5, 2>(head, out_row),
+                6 => attend_blocks::<6, 2>(head, out_row),
+                7 => attend_blocks::<7, 2>(head, out_row),
+                _ => attend_blocks::<8, 2>(head, out_row),
+            }
+        }
+    }
+
+    /// `VECTORS` = head_dim / 16; `QUERIES` per block (their accumulators fill the registers).
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn attend_blocks<const VECTORS: usize, const QUERIES: usize>(
+        head: Head<'_>,
+        out_row: &mut dyn FnMut(usize, &[f32]),
+    ) {
         let (head_dim, len, scale) = (head.head_dim, head.len, head.scale);
         let part = |i: usize, which: usize| head.part(i, which);
         let padded = len.div_ceil(16) * 16;
         let keys_t = head.keys_transposed(padded);
-        let mut scores = vec![0f32; padded];
-        let mut result = vec![0f32; head_dim];
-        let vectors = head_dim / 16;
+        let mut scores = vec![0f32; QUERIES * padded];
+        let mut result = [0f32; 16 * MAX_VECTORS];
         unsafe {
-            for i in 0..len {
-                let q = part(i, 0);
-                let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+            for first in (0..len).step_by(QUERIES) {
+                let real = QUERIES.min(len - first);
+                // Rows past the last query repeat it: computed, never written out.
+                let q: [&[f32]; QUERIES] =
+                    std::array::from_fn(|r| part(first + r.min(real - 1), 0));
+                let mut max = [_mm512_set1_ps(f32::NEG_INFINITY); QUERIES];
                 for c in 0..padded / 16 {
-                    let mut s = _mm512_setzero_ps();
-                    for (d, qd) in q.iter().enumerate() {
+                    let mut s = [_mm512_setzero_ps(); QUERIES];
+                    for d in 0..head_dim {
                         let k = _mm512_loadu_ps(keys_t.as_ptr().add(d * padded + c * 16));
-                        s = _mm512_fmadd_ps(_mm512_set1_ps(qd * scale), k, s);
+                        for r in 0..QUERIES {
+                            s[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r][d] * scale), k, s[r]);
+                        }
                     }
-                    let real = lane_mask(len - c * 16);
-                    max = _mm512_mask_max_ps(max, real, max, s);
-                    _mm512_storeu_ps(scores.as_mut_ptr().add(c * 16), s);
-                }
-                let max = _mm512_set1_ps(_mm512_reduce_max_ps(max));
-                let mut sum = _mm512_setzero_ps();
-                for c in 0..padded / 16 {
-                    let s = _mm512_loadu_ps(scores.as_ptr().add(c * 16));
-                    let e = _mm512_maskz_mov_ps(
-                        lane_mask(len - c * 16),
-                        exp_clamped(_mm512_sub_ps(s, max)),
-                    );
-                    sum = _mm512_add_ps(sum, e);
-                    _mm512_storeu_ps(scores.as_mut_ptr().add(c * 16), e);
-                }
-                let mut acc = [_mm512_setzero_ps(); MAX_VECTORS];
-                for (j, p) in scores[..len].iter().enumerate() {
-                    let (p, v) = (_mm512_set1_ps(*p), part(j, 2).as_ptr());
-                    for (x, a) in acc.iter_mut().enumerate().take(vectors) {
-                        *a = _mm512_fmadd_ps(p, _mm512_loadu_ps(v.add(x * 16)), *a);
+                    let keys = lane_mask(len - c * 16);
+                    for r in 0..QUERIES {
+                        max[r] = _mm512_mask_max_ps(max[r], keys, max[r], s[r]);
+                        _mm512_storeu_ps(scores.as_mut_ptr().add(r * padded + c * 16), s[r]);
                     }
                 }
-                let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
-                for (x, a) in acc.iter().enumerate().take(vectors) {
-                    _mm512_storeu_ps(result.as_mut_ptr().add(x * 16), _mm512_mul_ps(*a, inv));
+                let mut inverse = [0f32; QUERIES];
+                for r in 0..QUERIES {
+                    let max = _mm512_set1_ps(_mm512_reduce_max_ps(max[r]));
+                    let mut sum = _mm512_setzero_ps();
+                    for c in 0..padded / 16 {
+                        let at = scores.as_mut_ptr().add(r * padded + c * 16);
+                        let e = _mm512_maskz_mov_ps(
+                            lane_mask(len - c * 16),
+                            exp_clamped(_mm512_sub_ps(_mm512_loadu_ps(at), max)),
+                        );
+                        sum = _mm512_add_ps(sum, e);
+                        _mm512_storeu_ps(at, e);
+                    }
+                    inverse[r] = 1.0 / _mm512_reduce_add_ps(sum);
                 }
-                out_row(i, &result);
+                let mut acc = [[_mm512_setzero_ps(); VECTORS]; QUERIES];
+                for j in 0..len {
+                    let v = part(j, 2).as_ptr();
+                    for x in 0..VECTORS {
+                        let vx = _mm512_loadu_ps(v.add(x * 16));
+                        for r in 0..QUERIES {
+                            let p = _mm512_set1_ps(*scores.get_unchecked(r * padded + j));
+                            acc[r][x] = _mm512_fmadd_ps(p, vx, acc[r][x]);
+                        }
+                    }
+                }
+                for r in 0..real {
+                    let inv = _mm512_set1_ps(inverse[r]);
+                    for x in 0..VECTORS {
+                        _mm512_storeu_ps(
+                            result.as_mut_ptr().add(x * 16),
+                            _mm512_mul_ps(acc[r][x], inv),
+                        );
+                    }
+                    out_row(first + r, &result[..head_dim]);
+                }
             }
         }
     }
@@ -421,12 +462,15 @@ mod tests {
 
     #[test]
     fn matches_naive_attention_with_padding() {
-        // head_dim 4: the portable loops; 32 and 64: the AVX-512 kernel, one and several
-        // 16-key chunks, partly filled.
+        // head_dim 4: the portable loops; 32 and 64: the AVX-512 kernel in four-query blocks,
+        // one and several 16-key chunks, partly filled.
         for (batch, t, heads, hd, lengths) in [
             (2, 5, 3, 4, vec![5, 3]),
             (2, 21, 2, 32, vec![21, 17]),
             (2, 40, 1, 64, vec![7, 40]),
+            // Two-query blocks (head_dim 80 and 128), a last block of one query.
+            (2, 9, 2, 80, vec![9, 5]),
+            (1, 19, 1, 128, vec![19]),
         ] {
             check_against_naive(batch, t, heads, hd, &lengths);
         }
