@@ -497,10 +497,15 @@ thread_local! {
 /// pool, rayon left idle. For a forward pass made of our kernels alone (nothing of candle's in
 /// between): two pools would otherwise take turns spinning on each other's cores.
 pub fn on_kernel_pool<R>(f: impl FnOnce() -> R) -> R {
-    let before = KERNEL_POOL_ONLY.replace(true);
-    let result = f();
-    KERNEL_POOL_ONLY.set(before);
-    result
+    /// Restores the flag however `f` ends (an unwinding panic included).
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            KERNEL_POOL_ONLY.set(self.0);
+        }
+    }
+    let _restore = Restore(KERNEL_POOL_ONLY.replace(true));
+    f()
 }
 
 fn on_kernel_pool_only() -> bool {
