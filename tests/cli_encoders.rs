@@ -8,6 +8,16 @@ use std::process::{Command, Stdio};
 
 use common::fixture;
 use serde_json::Value;
+use wordloom::tasks::embed::cosine;
+
+/// A JSON array of numbers as f32.
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
 
 fn wordloom(args: &[&str], stdin: Option<&[u8]>) -> (bool, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_wordloom"))
@@ -412,29 +422,19 @@ fn minilm_high_precision_keeps_sentence_transformers_parity() {
         let rows = jsonl(&args, None);
         assert_eq!(rows.len(), texts.len());
         rows.iter()
-            .map(|r| {
-                let v = r["embedding"].as_array().unwrap();
-                v.iter().map(|x| x.as_f64().unwrap()).collect::<Vec<f64>>()
-            })
+            .map(|r| floats(&r["embedding"]))
             .collect::<Vec<_>>()
     };
     let (high, highest) = (embed("high"), embed("highest"));
     for (i, (h, exact)) in high.iter().zip(&highest).enumerate() {
-        let want: Vec<f64> = reference["embeddings"][i]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap())
-            .collect();
-        let dot: f64 = h.iter().zip(&want).map(|(a, b)| a * b).sum();
-        let norms = h.iter().map(|a| a * a).sum::<f64>().sqrt()
-            * want.iter().map(|b| b * b).sum::<f64>().sqrt();
-        assert!(dot / norms >= 0.9999, "text {i}: cosine {}", dot / norms);
+        let want = floats(&reference["embeddings"][i]);
+        let similarity = cosine(h, &want);
+        assert!(similarity >= 0.9999, "text {i}: cosine {similarity}");
         let diff = h
             .iter()
             .zip(exact)
             .map(|(a, b)| (a - b).abs())
-            .fold(0f64, f64::max);
+            .fold(0f32, f32::max);
         assert!(diff < 1e-3, "text {i}: high vs highest differ by {diff}");
     }
     // An unknown precision is refused by name.

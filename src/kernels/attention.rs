@@ -35,9 +35,11 @@ pub fn bidirectional_attention(
         };
         let out_rows = &mut |i: usize, values: &[f32]| out_rows(b * t + i, values);
         // Padding queries are never read (their keys are masked for everyone else too): zeros.
-        let zeros = vec![0f32; head_dim];
-        for i in head.len..t {
-            out_rows(i, &zeros);
+        if head.len < t {
+            let zeros = vec![0f32; head_dim];
+            for i in head.len..t {
+                out_rows(i, &zeros);
+            }
         }
         #[cfg(target_arch = "x86_64")]
         if super::features().avx512

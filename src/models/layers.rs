@@ -47,9 +47,7 @@ impl LayerNorm {
             self.eps,
         )?)
     }
-}
 
-impl LayerNorm {
     /// `x ← LayerNorm(x + residual)` on host rows (where [`LayerNorm::has_host_kernel`]).
     pub fn add_forward_host(&self, x: &mut [f32], residual: &[f32]) -> Result<()> {
         use crate::weights::linear::with_host_f32;
@@ -114,9 +112,7 @@ impl Activation {
             Activation::Tanh => x.tanh()?,
         })
     }
-}
 
-impl Activation {
     /// The activation in place over host values (inference; parallel over the kernel pool
     /// where the values are many).
     pub fn apply_host(self, values: &mut [f32]) {
