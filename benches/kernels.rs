@@ -12,6 +12,14 @@ use wordloom::kernels::{
 };
 
 fn main() {
+    if std::env::var_os("BENCH_GEMV_ONLY").is_some() {
+        let mut seed = 3u32;
+        dense_gemv(&mut move || {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        });
+        return;
+    }
     if std::env::var_os("BENCH_DENSE_ONLY").is_some() {
         let mut seed = 5u32;
         dense_f32(&mut move || {
@@ -97,6 +105,45 @@ fn main() {
     dense_f32(&mut rand);
 }
 
+/// f32 decode steps (one activation row) over GPT-Neo-125M-shaped layers, 496 MB in all, so the
+/// weights stream from memory as in a real decode step (`BENCH_GEMV_ONLY=1`: only this).
+fn dense_gemv(rand: &mut impl FnMut() -> f32) {
+    let d = 768;
+    let mut shapes = Vec::new();
+    for _ in 0..12 {
+        shapes.extend([(d, d), (d, d), (d, d), (d, d), (4 * d, d), (d, 4 * d)]);
+    }
+    shapes.push((50257, d));
+    let layers: Vec<PackedMatrix> = shapes
+        .iter()
+        .map(|&(n, k)| {
+            let w: Vec<f32> = (0..n * k).map(|_| rand() * 0.1).collect();
+            PackedMatrix::pack(&w, n, k)
+        })
+        .collect();
+    let bytes: usize = shapes.iter().map(|&(n, k)| n * k * 4).sum();
+    let x: Vec<f32> = (0..4 * d).map(|_| rand()).collect();
+    let mut out = vec![0f32; 50257];
+    let mut times = Vec::new();
+    for _ in 0..20 {
+        let t0 = Instant::now();
+        for (layer, &(n, k)) in layers.iter().zip(&shapes) {
+            packed_matmul_forced(layer, &x[..k], 1, None, &mut out[..n], Some(false));
+        }
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let (best, median) = (times[0], times[times.len() / 2]);
+    println!(
+        "f32 decode (m=1): {:.1} GB/s best, {:.1} median ({:.2} ms per {:.0} MB pass, {} threads)",
+        bytes as f64 / best / 1e9,
+        bytes as f64 / median / 1e9,
+        median * 1e3,
+        bytes as f64 / 1e6,
+        rayon::current_num_threads()
+    );
+}
+
 /// f32 products of many rows (encoders at batch, prefill) on MiniLM-shaped layers: the AVX-512
 /// panel kernel against the AMX bf16×3 tiles (where the CPU has them), in GFLOP/s.
 fn dense_f32(rand: &mut impl FnMut() -> f32) {
@@ -118,7 +165,7 @@ fn dense_f32(rand: &mut impl FnMut() -> f32) {
     for m in [16, 32, 64, 128, 704] {
         let flops: usize = shapes.iter().map(|&(n, k)| 2 * m * n * k).sum();
         let mut line = format!("f32 dense m={m:4}:");
-        for (name, amx) in [("AVX-512", false), (tiles, true)] {
+        for (name, amx) in [("panel kernel", false), (tiles, true)] {
             let mut best = f64::MAX;
             for _ in 0..(20_000 / m).clamp(5, 200) {
                 let t0 = Instant::now();

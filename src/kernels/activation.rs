@@ -10,6 +10,12 @@ pub fn gelu_erf_inplace(values: &mut [f32]) {
             unsafe { x86::gelu_erf(values) };
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if super::features().avx2 {
+            // SAFETY: AVX2 and FMA detected.
+            unsafe { x86::avx2::gelu_erf(values) };
+            return;
+        }
         for v in values.iter_mut() {
             *v = gelu_erf_scalar(*v);
         }
@@ -35,6 +41,12 @@ pub fn gelu_tanh_inplace(values: &mut [f32]) {
         if super::features().avx512 {
             // SAFETY: AVX-512F detected.
             unsafe { x86::gelu_tanh(values) };
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if super::features().avx2 {
+            // SAFETY: AVX2 and FMA detected.
+            unsafe { x86::avx2::gelu_tanh(values) };
             return;
         }
         for v in values.iter_mut() {
@@ -73,6 +85,11 @@ pub fn exp_shifted_inplace(values: &mut [f32], max: f32) -> f32 {
             }
         }
         return lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::features().avx2 {
+        // SAFETY: AVX2 and FMA detected.
+        return unsafe { x86::avx2::exp_shifted(values, max) };
     }
     let mut sum = 0f32;
     for v in values.iter_mut() {
@@ -212,6 +229,119 @@ pub(super) mod x86 {
             )
         }
     }
+
+    /// The same functions eight lanes at a time on AVX2 + FMA, for CPUs without AVX-512.
+    pub(crate) mod avx2 {
+        use std::arch::x86_64::*;
+
+        use super::super::{A, CUBIC, P, SQRT_2_OVER_PI};
+
+        /// e^y, y clamped to [-87, 88], as the AVX-512 `exp_clamped`; 2^n is built in the
+        /// exponent bits (AVX2 has no `scalef`).
+        #[inline(always)]
+        pub(crate) unsafe fn exp_clamped(y: __m256) -> __m256 {
+            unsafe {
+                let y = _mm256_min_ps(
+                    _mm256_max_ps(y, _mm256_set1_ps(-87.0)),
+                    _mm256_set1_ps(88.0),
+                );
+                let n = _mm256_round_ps(
+                    _mm256_mul_ps(y, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+                );
+                let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(std::f32::consts::LN_2), y);
+                let mut p = _mm256_set1_ps(1.0 / 720.0);
+                for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+                    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+                }
+                let biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+                _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(biased)))
+            }
+        }
+
+        /// Lanes `[0, n)` of an 8-lane mask.
+        #[inline(always)]
+        pub(crate) unsafe fn mask8(n: usize) -> __m256i {
+            unsafe {
+                let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                _mm256_cmpgt_epi32(_mm256_set1_epi32(n.min(8) as i32), lanes)
+            }
+        }
+
+        /// Apply `f` to 8 lanes at a time, the tail through a mask.
+        #[inline(always)]
+        unsafe fn map8(values: &mut [f32], f: impl Fn(__m256) -> __m256) {
+            let mut chunks = values.chunks_exact_mut(8);
+            for chunk in &mut chunks {
+                unsafe {
+                    let x = _mm256_loadu_ps(chunk.as_ptr());
+                    _mm256_storeu_ps(chunk.as_mut_ptr(), f(x));
+                }
+            }
+            let rest = chunks.into_remainder();
+            if !rest.is_empty() {
+                unsafe {
+                    let mask = mask8(rest.len());
+                    let x = _mm256_maskload_ps(rest.as_ptr(), mask);
+                    _mm256_maskstore_ps(rest.as_mut_ptr(), mask, f(x));
+                }
+            }
+        }
+
+        /// `v ← e^(v − max)`; returns the sum.
+        #[target_feature(enable = "avx2,fma")]
+        pub(crate) unsafe fn exp_shifted(values: &mut [f32], max: f32) -> f32 {
+            unsafe {
+                let shift = _mm256_set1_ps(max);
+                map8(values, |x| exp_clamped(_mm256_sub_ps(x, shift)));
+            }
+            let mut lanes = [0f32; 8];
+            let mut chunks = values.chunks_exact(8);
+            for c in &mut chunks {
+                for l in 0..8 {
+                    lanes[l] += c[l];
+                }
+            }
+            lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        pub(crate) unsafe fn gelu_tanh(values: &mut [f32]) {
+            unsafe {
+                map8(values, |x| {
+                    let x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+                    let u = _mm256_mul_ps(
+                        _mm256_set1_ps(SQRT_2_OVER_PI),
+                        _mm256_fmadd_ps(_mm256_set1_ps(CUBIC), x3, x),
+                    );
+                    let e = exp_clamped(_mm256_mul_ps(_mm256_set1_ps(-2.0), u));
+                    _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0), e))
+                })
+            }
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        pub(crate) unsafe fn gelu_erf(values: &mut [f32]) {
+            unsafe {
+                map8(values, |x| {
+                    let one = _mm256_set1_ps(1.0);
+                    let sign_bit = _mm256_set1_ps(-0.0);
+                    let scaled = _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
+                    let z = _mm256_andnot_ps(sign_bit, scaled);
+                    let t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(P), z, one));
+                    let mut poly = _mm256_set1_ps(A[4]);
+                    for c in [A[3], A[2], A[1], A[0]] {
+                        poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(c));
+                    }
+                    poly = _mm256_mul_ps(poly, t);
+                    let e = exp_clamped(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(z, z)));
+                    let erf_abs = _mm256_fnmadd_ps(poly, e, one);
+                    let erf = _mm256_or_ps(erf_abs, _mm256_and_ps(x, sign_bit));
+                    _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5), x), _mm256_add_ps(one, erf))
+                })
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -239,7 +369,16 @@ mod tests {
             .collect();
         let mut got = xs.clone();
         gelu_erf_inplace(&mut got);
-        for (x, g) in xs.iter().zip(&got) {
+        let mut avx2 = xs.clone();
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::features().avx2 {
+            // SAFETY: AVX2 and FMA detected.
+            unsafe { x86::avx2::gelu_erf(&mut avx2) };
+        } else {
+            avx2 = got.clone();
+        }
+        for ((x, g), v) in xs.iter().zip(&got).zip(&avx2) {
+            assert!((g - v).abs() <= 1e-6 * (1.0 + g.abs()), "gelu({x}): AVX2 {v} vs {g}");
             let want = 0.5 * *x as f64 * (1.0 + erf64(*x as f64 / 2f64.sqrt()));
             assert!(
                 (*g as f64 - want).abs() < 2e-6 * (1.0 + want.abs()),
@@ -262,6 +401,16 @@ mod tests {
         }
         let total: f64 = want.iter().sum();
         assert!((sum as f64 - total).abs() <= 1e-6 * total);
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::features().avx2 {
+            let mut values: Vec<f32> = (0..37).map(|i| i as f32 * 0.7 - 20.0).collect();
+            // SAFETY: AVX2 and FMA detected.
+            let sum = unsafe { x86::avx2::exp_shifted(&mut values, 5.0) };
+            for (got, want) in values.iter().zip(&want) {
+                assert!((*got as f64 - want).abs() <= 3e-7 * want + 1e-30, "AVX2 {got} vs {want}");
+            }
+            assert!((sum as f64 - total).abs() <= 1e-6 * total);
+        }
     }
 
     #[test]
@@ -272,7 +421,16 @@ mod tests {
             .collect();
         let mut got = xs.clone();
         gelu_tanh_inplace(&mut got);
-        for (x, g) in xs.iter().zip(&got) {
+        let mut avx2 = xs.clone();
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::features().avx2 {
+            // SAFETY: AVX2 and FMA detected.
+            unsafe { x86::avx2::gelu_tanh(&mut avx2) };
+        } else {
+            avx2 = got.clone();
+        }
+        for ((x, g), v) in xs.iter().zip(&got).zip(&avx2) {
+            assert!((g - v).abs() <= 1e-6 * (1.0 + g.abs()), "gelu_tanh({x}): AVX2 {v} vs {g}");
             let x = *x as f64;
             let u = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x);
             let want = 0.5 * x * (1.0 + u.tanh());

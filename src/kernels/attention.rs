@@ -50,6 +50,12 @@ pub fn bidirectional_attention(
             unsafe { x86::attend_head(head, out_rows) };
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if super::features().avx2 {
+            // SAFETY: AVX2 and FMA detected.
+            unsafe { attend_head_avx2(head, out_rows) };
+            return;
+        }
         attend_head(head, out_rows);
     };
     let outp = super::SendPtr(out.as_mut_ptr());
@@ -103,8 +109,16 @@ impl Head<'_> {
     }
 }
 
+/// [`attend_head`] compiled for AVX2 + FMA: its loops over contiguous rows vectorise 8 wide.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_head_avx2(head: Head<'_>, out_row: &mut dyn FnMut(usize, &[f32])) {
+    attend_head(head, out_row)
+}
+
 /// Every real query row of `head` against its real keys, each result row to `out_row`: keys
 /// transposed once, so the scores of all keys grow by one query element at a time.
+#[inline(always)]
 fn attend_head(head: Head<'_>, out_row: &mut dyn FnMut(usize, &[f32])) {
     let (head_dim, len, scale) = (head.head_dim, head.len, head.scale);
     let part = |i: usize, which: usize| head.part(i, which);
@@ -168,7 +182,7 @@ pub fn decode_group_attention(query: GroupQuery<'_>, scores: &mut [f32], out: &m
         keys,
         values,
         n,
-        scale,
+        ..
     } = query;
     let group = q.len() / head_dim;
     assert_eq!(out.len(), group * head_dim, "out shape");
@@ -198,6 +212,34 @@ pub fn decode_group_attention(query: GroupQuery<'_>, scores: &mut [f32], out: &m
         }
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if super::features().avx2 {
+        // SAFETY: AVX2 and FMA detected.
+        unsafe { decode_group_avx2(query, scores, out) };
+        return;
+    }
+    decode_group_portable(query, scores, out);
+}
+
+/// [`decode_group_portable`] compiled for AVX2 + FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn decode_group_avx2(query: GroupQuery<'_>, scores: &mut [f32], out: &mut [f32]) {
+    decode_group_portable(query, scores, out)
+}
+
+/// [`decode_group_attention`] in plain loops (shapes already checked).
+#[inline(always)]
+fn decode_group_portable(query: GroupQuery<'_>, scores: &mut [f32], out: &mut [f32]) {
+    let GroupQuery {
+        q,
+        head_dim,
+        keys,
+        values,
+        n,
+        scale,
+    } = query;
+    let group = q.len() / head_dim;
     for j in 0..n {
         let key = keys.row(j, head_dim);
         for g in 0..group {
@@ -385,6 +427,7 @@ mod x86 {
 }
 
 /// Dot product in 8 independent lanes, so the compiler can keep it in vector registers.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (ac, ar) = a.split_at(a.len() / 8 * 8);

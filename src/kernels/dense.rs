@@ -145,14 +145,26 @@ pub fn packed_matmul_forced(
     let panels = n.div_ceil(NR);
     // Work per panel in the units par_ranges expects (≈ bytes streamed): weights plus FMAs.
     let per_panel = k * NR * 4 + m * k * NR / 4;
-    let avx512 = features().avx512;
+    let feats = features();
     // Few rows (decode steps, single short inputs): a chain of short matmuls, where the
     // spinning pool's quick wake-up wins (measured: 1.08x on MiniLM at batch 1).
     par_ranges(panels, 1, per_panel, m <= 64, |p0, p1| {
         #[cfg(target_arch = "x86_64")]
-        if avx512 {
+        if feats.avx512 {
             // SAFETY: AVX-512 detected; this task writes only columns of panels p0..p1.
-            unsafe { x86::gemm(w, x, m, bias, p0, p1, outp.get()) };
+            unsafe {
+                if m == 1 {
+                    x86::gemv(w, x, bias, p0, p1, outp.get());
+                } else {
+                    x86::gemm(w, x, m, bias, p0, p1, outp.get());
+                }
+            }
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if feats.avx2 {
+            // SAFETY: AVX2 and FMA detected; as above.
+            unsafe { x86::avx2::gemm(w, x, m, bias, p0, p1, outp.get()) };
             return;
         }
         scalar_gemm(w, x, m, bias, p0, p1, outp.get());
@@ -252,6 +264,261 @@ mod x86 {
         }
     }
 
+    /// Bytes ahead of the stream that one row's product prefetches: panels are read front to
+    /// back once per token, and the hardware prefetcher stops at every 4 KiB page.
+    const PREFETCH: usize = 4096;
+
+    /// Panels `[p0, p1)` of `out = x · Wᵀ + bias` for one activation row (decode steps): each
+    /// panel read front to back in one pass, without k-blocking (nothing to reuse), with
+    /// software prefetch and four independent FMA chains per output register.
+    ///
+    /// # Safety
+    /// As [`gemm`], with `x` one row of k floats.
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn gemv(
+        w: &PackedMatrix,
+        x: &[f32],
+        bias: Option<&[f32]>,
+        p0: usize,
+        p1: usize,
+        out: *mut f32,
+    ) {
+        const UNROLL: usize = 4;
+        let (n, k) = (w.n, w.k);
+        for p in p0..p1 {
+            let b = w.panels.as_ptr().add(p * k * NR);
+            let mut acc = [_mm512_setzero_ps(); 2 * UNROLL];
+            let mut kk = 0;
+            while kk + UNROLL <= k {
+                let line = b.add(kk * NR) as *const i8;
+                for l in 0..UNROLL * NR * 4 / 64 {
+                    _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(PREFETCH + l * 64));
+                }
+                for u in 0..UNROLL {
+                    let xv = _mm512_set1_ps(*x.get_unchecked(kk + u));
+                    let row = b.add((kk + u) * NR);
+                    acc[2 * u] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(row), acc[2 * u]);
+                    acc[2 * u + 1] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(row.add(16)), acc[2 * u + 1]);
+                }
+                kk += UNROLL;
+            }
+            while kk < k {
+                let xv = _mm512_set1_ps(*x.get_unchecked(kk));
+                let row = b.add(kk * NR);
+                acc[0] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(row), acc[0]);
+                acc[1] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(row.add(16)), acc[1]);
+                kk += 1;
+            }
+            let cols = NR.min(n - p * NR);
+            let (m0, m1) = (lane_mask(cols), lane_mask(cols.saturating_sub(16)));
+            let mut lo = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[4], acc[6]));
+            let mut hi = _mm512_add_ps(_mm512_add_ps(acc[1], acc[3]), _mm512_add_ps(acc[5], acc[7]));
+            if let Some(bias) = bias {
+                lo = _mm512_add_ps(lo, _mm512_maskz_loadu_ps(m0, bias.as_ptr().add(p * NR)));
+                hi = _mm512_add_ps(hi, _mm512_maskz_loadu_ps(m1, bias.as_ptr().add(p * NR + 16)));
+            }
+            _mm512_mask_storeu_ps(out.add(p * NR), m0, lo);
+            _mm512_mask_storeu_ps(out.add(p * NR + 16), m1, hi);
+        }
+    }
+
+    /// The same products on AVX2 + FMA (16 registers of 8 floats): 6 rows × half a panel
+    /// (16 columns) per micro-kernel call, 12 accumulators, two weight registers and one
+    /// broadcast. (3 rows × the whole panel needs 19 registers; the spilled accumulators
+    /// halved the rate.)
+    pub(super) mod avx2 {
+        use std::arch::x86_64::*;
+
+        use super::super::{PackedMatrix, KC, NR};
+        use super::PREFETCH;
+
+        const MR: usize = 6;
+        /// Columns per micro-kernel call: half a panel.
+        const HALF: usize = NR / 2;
+
+        /// Lanes `[0, n)` of an 8-lane mask (all for n ≥ 8).
+        #[inline(always)]
+        unsafe fn mask8(n: usize) -> __m256i {
+            unsafe {
+                let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                _mm256_cmpgt_epi32(_mm256_set1_epi32(n.min(8) as i32), lanes)
+            }
+        }
+
+        /// Panels `[p0, p1)` of `out = x · Wᵀ + bias`.
+        ///
+        /// # Safety
+        /// AVX2 and FMA available; `out` is (m × n) and no other thread writes these panels'
+        /// columns.
+        #[target_feature(enable = "avx2,fma")]
+        pub(in super::super) unsafe fn gemm(
+            w: &PackedMatrix,
+            x: &[f32],
+            m: usize,
+            bias: Option<&[f32]>,
+            p0: usize,
+            p1: usize,
+            out: *mut f32,
+        ) {
+            let (n, k) = (w.n, w.k);
+            if m == 1 {
+                for p in p0..p1 {
+                    gemv_panel(w, x, bias, p, out);
+                }
+                return;
+            }
+            let mut k0 = 0;
+            while k0 < k {
+                let kc = KC.min(k - k0);
+                let first = k0 == 0;
+                for p in p0..p1 {
+                    let mut r0 = 0;
+                    while r0 < m {
+                        let rows = (m - r0).min(MR);
+                        for half in 0..2 {
+                            let col = p * NR + half * HALF;
+                            let cols = n.saturating_sub(col).min(HALF);
+                            if cols == 0 {
+                                continue;
+                            }
+                            let args = Micro {
+                                a: x.as_ptr().add(r0 * k + k0),
+                                lda: k,
+                                b: w.panels.as_ptr().add((p * k + k0) * NR + half * HALF),
+                                kc,
+                                c: out.add(r0 * n + col),
+                                ldc: n,
+                                masks: [mask8(cols), mask8(cols.saturating_sub(8))],
+                                start: match (first, bias) {
+                                    (true, Some(bias)) => Start::Bias(bias.as_ptr().add(col)),
+                                    (true, None) => Start::Zero,
+                                    (false, _) => Start::Partial,
+                                },
+                            };
+                            match rows {
+                                1 => micro::<1>(args),
+                                2 => micro::<2>(args),
+                                3 => micro::<3>(args),
+                                4 => micro::<4>(args),
+                                5 => micro::<5>(args),
+                                _ => micro::<MR>(args),
+                            }
+                        }
+                        r0 += rows;
+                    }
+                }
+                k0 += kc;
+            }
+        }
+
+        /// Where a micro-kernel's sums start: the bias, zero, or what earlier k-blocks stored.
+        #[derive(Clone, Copy)]
+        enum Start {
+            Bias(*const f32),
+            Zero,
+            Partial,
+        }
+
+        #[derive(Clone, Copy)]
+        struct Micro {
+            a: *const f32,
+            lda: usize,
+            /// The half panel's first k-row; k-rows are NR floats apart.
+            b: *const f32,
+            kc: usize,
+            c: *mut f32,
+            ldc: usize,
+            masks: [__m256i; 2],
+            start: Start,
+        }
+
+        /// R rows × HALF columns over kc steps.
+        #[inline(always)]
+        unsafe fn micro<const R: usize>(m: Micro) {
+            unsafe {
+                let mut acc = [[_mm256_setzero_ps(); 2]; R];
+                for (r, row) in acc.iter_mut().enumerate() {
+                    for (v, sum) in row.iter_mut().enumerate() {
+                        *sum = match m.start {
+                            Start::Bias(bias) => _mm256_maskload_ps(bias.add(8 * v), m.masks[v]),
+                            Start::Zero => _mm256_setzero_ps(),
+                            Start::Partial => {
+                                _mm256_maskload_ps(m.c.add(r * m.ldc + 8 * v), m.masks[v])
+                            }
+                        };
+                    }
+                }
+                for kk in 0..m.kc {
+                    let w0 = _mm256_loadu_ps(m.b.add(kk * NR));
+                    let w1 = _mm256_loadu_ps(m.b.add(kk * NR + 8));
+                    for (r, row) in acc.iter_mut().enumerate() {
+                        let xv = _mm256_broadcast_ss(&*m.a.add(r * m.lda + kk));
+                        row[0] = _mm256_fmadd_ps(xv, w0, row[0]);
+                        row[1] = _mm256_fmadd_ps(xv, w1, row[1]);
+                    }
+                }
+                for (r, row) in acc.iter().enumerate() {
+                    for (v, sum) in row.iter().enumerate() {
+                        _mm256_maskstore_ps(m.c.add(r * m.ldc + 8 * v), m.masks[v], *sum);
+                    }
+                }
+            }
+        }
+
+        /// Panel `p` for one activation row: read front to back once, with software prefetch
+        /// and two independent FMA chains per output register.
+        #[inline(always)]
+        unsafe fn gemv_panel(
+            w: &PackedMatrix,
+            x: &[f32],
+            bias: Option<&[f32]>,
+            p: usize,
+            out: *mut f32,
+        ) {
+            unsafe {
+                let (n, k) = (w.n, w.k);
+                let b = w.panels.as_ptr().add(p * k * NR);
+                let mut even = [_mm256_setzero_ps(); 4];
+                let mut odd = [_mm256_setzero_ps(); 4];
+                let mut kk = 0;
+                while kk + 2 <= k {
+                    let line = b.add(kk * NR) as *const i8;
+                    for l in 0..4 {
+                        _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(PREFETCH + l * 64));
+                    }
+                    let (x0, x1) = (
+                        _mm256_broadcast_ss(x.get_unchecked(kk)),
+                        _mm256_broadcast_ss(x.get_unchecked(kk + 1)),
+                    );
+                    for v in 0..4 {
+                        let w0 = _mm256_loadu_ps(b.add(kk * NR + 8 * v));
+                        let w1 = _mm256_loadu_ps(b.add((kk + 1) * NR + 8 * v));
+                        even[v] = _mm256_fmadd_ps(x0, w0, even[v]);
+                        odd[v] = _mm256_fmadd_ps(x1, w1, odd[v]);
+                    }
+                    kk += 2;
+                }
+                if kk < k {
+                    let x0 = _mm256_broadcast_ss(x.get_unchecked(kk));
+                    for v in 0..4 {
+                        let w0 = _mm256_loadu_ps(b.add(kk * NR + 8 * v));
+                        even[v] = _mm256_fmadd_ps(x0, w0, even[v]);
+                    }
+                }
+                let cols = NR.min(n - p * NR);
+                for v in 0..4 {
+                    let mask = mask8(cols.saturating_sub(8 * v));
+                    let mut sum = _mm256_add_ps(even[v], odd[v]);
+                    if let Some(bias) = bias {
+                        let bv = _mm256_maskload_ps(bias.as_ptr().add(p * NR + 8 * v), mask);
+                        sum = _mm256_add_ps(sum, bv);
+                    }
+                    _mm256_maskstore_ps(out.add(p * NR + 8 * v), mask, sum);
+                }
+            }
+        }
+    }
+
     type MicroArgs = (
         *const f32,
         usize,
@@ -333,6 +600,8 @@ mod tests {
             (13, 70, 300),
             (25, 64, 513),
             (2, 32, 256),
+            (1, 70, 769),
+            (4, 50, 600),
             (40, 33, 17),
         ] {
             let w: Vec<f32> = (0..n * k).map(|_| rand()).collect();
@@ -352,6 +621,19 @@ mod tests {
             scalar_gemm(&packed, &x, m, None, 0, n.div_ceil(NR), plain.as_mut_ptr());
             for ((g, e), b) in plain.iter().zip(&want).zip(bias.iter().cycle()) {
                 assert!((g + b - e).abs() < 1e-4);
+            }
+            // The AVX2 kernels too where the CPU also has AVX-512 (which the dispatch prefers).
+            #[cfg(target_arch = "x86_64")]
+            if crate::kernels::features().avx2 {
+                let mut got = vec![f32::NAN; m * n];
+                let panels = n.div_ceil(NR);
+                // SAFETY: AVX2 + FMA detected; one thread writes all of `got`.
+                unsafe {
+                    x86::avx2::gemm(&packed, &x, m, Some(&bias), 0, panels, got.as_mut_ptr())
+                };
+                for (g, e) in got.iter().zip(&want) {
+                    assert!((g - e).abs() < 1e-4, "AVX2 ({m},{n},{k}): {g} vs {e}");
+                }
             }
         }
     }

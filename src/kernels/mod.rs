@@ -264,6 +264,12 @@ fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
         unsafe { x86::quantize_row_avx512(x, q, d, s) };
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if features().avx2 {
+        // SAFETY: feature checked at runtime.
+        unsafe { x86::quantize_row_avx2(x, q, d, s) };
+        return;
+    }
     for (b, (xb, qb)) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).enumerate() {
         (d[b], s[b]) = quantize_block_scalar(xb, qb);
     }

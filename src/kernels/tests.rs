@@ -97,6 +97,22 @@ fn check(kind: QuantKind, m: usize, rows: usize, cols: usize, seed: u64) {
             sc[idx]
         );
     }
+    // The AVX2 kernel also where the dispatch prefers AVX-512.
+    #[cfg(target_arch = "x86_64")]
+    if features().avx2 {
+        let mut avx2 = vec![f32::NAN; m * rows];
+        // SAFETY: AVX2, FMA and F16C detected; one thread writes all of `avx2`.
+        unsafe { x86::gemv::<false>(&w, &acts, m, 0, rows, avx2.as_mut_ptr()) };
+        for idx in 0..m * rows {
+            let err = (avx2[idx] - sc[idx]).abs();
+            assert!(
+                err <= tol[idx] * 0.05 + 1e-5 * want[idx].abs() + 1e-5,
+                "{kind:?} m={m} rows={rows} cols={cols}: avx2 {} vs scalar {} at {idx}",
+                avx2[idx],
+                sc[idx]
+            );
+        }
+    }
 }
 
 const SHAPES: &[(usize, usize, usize)] = &[
@@ -345,5 +361,39 @@ fn precise_activations_match_f32_math() {
                 );
             }
         }
+    }
+}
+
+#[test]
+fn vector_activation_quantization_matches_the_scalar_blocks() {
+    let mut rng = Rng(11);
+    let mut x = rng.vec(32 * 9, 3.0);
+    x[32..64].fill(0.0); // an all-zero block: scale 0
+    x[64] = 1e30; // one huge value: everything else rounds to 0
+    for (i, v) in x[96..128].iter_mut().enumerate() {
+        *v = (i as f32 - 16.0) * 0.5; // exact halves: ties round to even
+    }
+    let nb = x.len() / 32;
+    let (mut want_q, mut want_d, mut want_s) = (vec![0i8; x.len()], vec![0f32; nb], vec![0f32; nb]);
+    for b in 0..nb {
+        let block = &x[b * 32..][..32];
+        (want_d[b], want_s[b]) = quantize_block_scalar(block, &mut want_q[b * 32..][..32]);
+    }
+    #[cfg(target_arch = "x86_64")]
+    for (name, available) in [("avx2", features().avx2), ("avx512", features().avx512)] {
+        if !available {
+            continue;
+        }
+        let (mut q, mut d, mut s) = (vec![0i8; x.len()], vec![0f32; nb], vec![0f32; nb]);
+        // SAFETY: the feature was detected.
+        unsafe {
+            match name {
+                "avx2" => x86::quantize_row_avx2(&x, &mut q, &mut d, &mut s),
+                _ => x86::quantize_row_avx512(&x, &mut q, &mut d, &mut s),
+            }
+        }
+        assert_eq!(q, want_q, "{name} values");
+        assert_eq!(d, want_d, "{name} scales");
+        assert_eq!(s, want_s, "{name} sums");
     }
 }

@@ -65,6 +65,49 @@ pub(crate) unsafe fn quantize_row_avx512(x: &[f32], q: &mut [i8], d: &mut [f32],
     }
 }
 
+/// [`quantize_row_avx512`] on AVX2: the same blocks, bit for bit.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn quantize_row_avx2(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    let nb = x.len() / 32;
+    debug_assert!(q.len() >= nb * 32 && d.len() >= nb && s.len() >= nb);
+    let xp = x.as_ptr();
+    let qp = q.as_mut_ptr();
+    unsafe {
+        let sign = _mm256_set1_ps(-0.0);
+        // packs interleave 128-bit lanes; this puts the 4-byte groups back in order.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for b in 0..nb {
+            let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(xp.add(b * 32 + 8 * i)));
+            let mut amax = _mm256_andnot_ps(sign, v[0]);
+            for vi in &v[1..] {
+                amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, *vi));
+            }
+            let half = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps::<1>(amax));
+            let half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+            let amax = _mm_cvtss_f32(_mm_max_ss(half, _mm_movehdup_ps(half)));
+            let db = amax / 127.0;
+            let id = if db > 0.0 { 1.0 / db } else { 0.0 };
+            let vid = _mm256_set1_ps(id);
+            // cvtps rounds with MXCSR (nearest-even by default), as the scalar path.
+            let qi: [__m256i; 4] = std::array::from_fn(|i| _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vid)));
+            let total = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
+            let total = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256::<1>(total));
+            let total = _mm_add_epi32(total, _mm_shuffle_epi32::<0b01_00_11_10>(total));
+            let sum = _mm_cvtsi128_si32(_mm_add_epi32(total, _mm_shuffle_epi32::<0b10_11_00_01>(total)));
+            let bytes = _mm256_packs_epi16(
+                _mm256_packs_epi32(qi[0], qi[1]),
+                _mm256_packs_epi32(qi[2], qi[3]),
+            );
+            _mm256_storeu_si256(
+                qp.add(b * 32) as *mut __m256i,
+                _mm256_permutevar8x32_epi32(bytes, order),
+            );
+            *d.get_unchecked_mut(b) = db;
+            *s.get_unchecked_mut(b) = db * sum as f32;
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Small-m (decode) path: stream the interleaved groups of 16 rows.
 // ---------------------------------------------------------------------------------------------
@@ -202,26 +245,35 @@ unsafe fn group8_avx2<const K: u8, const MX: usize>(
         for b in 0..nb {
             let c = c0.add(b * cb);
             let mut s = [_mm256_setzero_si256(); MX];
-            for j in 0..lines(K) {
-                let w = _mm256_loadu_si256(c.add(j * 64 + 32 * h) as *const __m256i);
-                if K == KQ8_0 {
+            if K == KQ8_0 {
+                for j in 0..lines(K) {
+                    let w = _mm256_loadu_si256(c.add(j * 64 + 32 * h) as *const __m256i);
                     let signed = _mm256_xor_si256(w, _mm256_set1_epi8(-128));
                     let magnitude = _mm256_abs_epi8(signed);
                     for i in 0..MX {
                         let x = bcast4_256(xq[i].add(b * 32 + 4 * j));
                         s[i] = _mm256_add_epi32(s[i], dot(magnitude, _mm256_sign_epi8(x, signed)));
                     }
-                } else {
+                }
+            } else {
+                // A Q4 block's eight `maddubs` pair sums (each |·| ≤ 2·15·128) add up in 16
+                // bits without overflow (≤ 30720): one widening `madd` per block, not eight.
+                let mut s16 = [_mm256_setzero_si256(); MX];
+                for j in 0..lines(K) {
+                    let w = _mm256_loadu_si256(c.add(j * 64 + 32 * h) as *const __m256i);
                     let lo = _mm256_and_si256(w, nib);
                     let hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), nib);
                     for i in 0..MX {
                         let x = xq[i].add(b * 32 + 4 * j);
-                        let p = _mm256_add_epi32(
-                            dot(lo, bcast4_256(x)),
-                            dot(hi, bcast4_256(x.add(16))),
+                        let p = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(lo, bcast4_256(x)),
+                            _mm256_maddubs_epi16(hi, bcast4_256(x.add(16))),
                         );
-                        s[i] = _mm256_add_epi32(s[i], p);
+                        s16[i] = _mm256_add_epi16(s16[i], p);
                     }
+                }
+                for i in 0..MX {
+                    s[i] = _mm256_madd_epi16(s16[i], ones);
                 }
             }
             let d = _mm256_cvtph_ps(_mm_loadu_si128(c.add(so + 16 * h) as *const __m128i));
