@@ -337,7 +337,10 @@ pub(super) mod x86 {
                     let e = exp_clamped(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(z, z)));
                     let erf_abs = _mm256_fnmadd_ps(poly, e, one);
                     let erf = _mm256_or_ps(erf_abs, _mm256_and_ps(x, sign_bit));
-                    _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5), x), _mm256_add_ps(one, erf))
+                    _mm256_mul_ps(
+                        _mm256_mul_ps(_mm256_set1_ps(0.5), x),
+                        _mm256_add_ps(one, erf),
+                    )
                 })
             }
         }
@@ -378,7 +381,10 @@ mod tests {
             avx2 = got.clone();
         }
         for ((x, g), v) in xs.iter().zip(&got).zip(&avx2) {
-            assert!((g - v).abs() <= 1e-6 * (1.0 + g.abs()), "gelu({x}): AVX2 {v} vs {g}");
+            assert!(
+                (g - v).abs() <= 1e-6 * (1.0 + g.abs()),
+                "gelu({x}): AVX2 {v} vs {g}"
+            );
             let want = 0.5 * *x as f64 * (1.0 + erf64(*x as f64 / 2f64.sqrt()));
             assert!(
                 (*g as f64 - want).abs() < 2e-6 * (1.0 + want.abs()),
@@ -407,7 +413,10 @@ mod tests {
             // SAFETY: AVX2 and FMA detected.
             let sum = unsafe { x86::avx2::exp_shifted(&mut values, 5.0) };
             for (got, want) in values.iter().zip(&want) {
-                assert!((*got as f64 - want).abs() <= 3e-7 * want + 1e-30, "AVX2 {got} vs {want}");
+                assert!(
+                    (*got as f64 - want).abs() <= 3e-7 * want + 1e-30,
+                    "AVX2 {got} vs {want}"
+                );
             }
             assert!((sum as f64 - total).abs() <= 1e-6 * total);
         }
@@ -430,7 +439,10 @@ mod tests {
             avx2 = got.clone();
         }
         for ((x, g), v) in xs.iter().zip(&got).zip(&avx2) {
-            assert!((g - v).abs() <= 1e-6 * (1.0 + g.abs()), "gelu_tanh({x}): AVX2 {v} vs {g}");
+            assert!(
+                (g - v).abs() <= 1e-6 * (1.0 + g.abs()),
+                "gelu_tanh({x}): AVX2 {v} vs {g}"
+            );
             let x = *x as f64;
             let u = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x);
             let want = 0.5 * x * (1.0 + u.tanh());

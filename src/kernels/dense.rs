@@ -298,7 +298,8 @@ mod x86 {
                     let xv = _mm512_set1_ps(*x.get_unchecked(kk + u));
                     let row = b.add((kk + u) * NR);
                     acc[2 * u] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(row), acc[2 * u]);
-                    acc[2 * u + 1] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(row.add(16)), acc[2 * u + 1]);
+                    acc[2 * u + 1] =
+                        _mm512_fmadd_ps(xv, _mm512_loadu_ps(row.add(16)), acc[2 * u + 1]);
                 }
                 kk += UNROLL;
             }
@@ -311,11 +312,16 @@ mod x86 {
             }
             let cols = NR.min(n - p * NR);
             let (m0, m1) = (lane_mask(cols), lane_mask(cols.saturating_sub(16)));
-            let mut lo = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[4], acc[6]));
-            let mut hi = _mm512_add_ps(_mm512_add_ps(acc[1], acc[3]), _mm512_add_ps(acc[5], acc[7]));
+            let mut lo =
+                _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[4], acc[6]));
+            let mut hi =
+                _mm512_add_ps(_mm512_add_ps(acc[1], acc[3]), _mm512_add_ps(acc[5], acc[7]));
             if let Some(bias) = bias {
                 lo = _mm512_add_ps(lo, _mm512_maskz_loadu_ps(m0, bias.as_ptr().add(p * NR)));
-                hi = _mm512_add_ps(hi, _mm512_maskz_loadu_ps(m1, bias.as_ptr().add(p * NR + 16)));
+                hi = _mm512_add_ps(
+                    hi,
+                    _mm512_maskz_loadu_ps(m1, bias.as_ptr().add(p * NR + 16)),
+                );
             }
             _mm512_mask_storeu_ps(out.add(p * NR), m0, lo);
             _mm512_mask_storeu_ps(out.add(p * NR + 16), m1, hi);

@@ -82,18 +82,31 @@ pub(crate) unsafe fn quantize_row_avx2(x: &[f32], q: &mut [i8], d: &mut [f32], s
             for vi in &v[1..] {
                 amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, *vi));
             }
-            let half = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps::<1>(amax));
+            let half = _mm_max_ps(
+                _mm256_castps256_ps128(amax),
+                _mm256_extractf128_ps::<1>(amax),
+            );
             let half = _mm_max_ps(half, _mm_movehl_ps(half, half));
             let amax = _mm_cvtss_f32(_mm_max_ss(half, _mm_movehdup_ps(half)));
             let db = amax / 127.0;
             let id = if db > 0.0 { 1.0 / db } else { 0.0 };
             let vid = _mm256_set1_ps(id);
             // cvtps rounds with MXCSR (nearest-even by default), as the scalar path.
-            let qi: [__m256i; 4] = std::array::from_fn(|i| _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vid)));
-            let total = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
-            let total = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256::<1>(total));
+            let qi: [__m256i; 4] =
+                std::array::from_fn(|i| _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vid)));
+            let total = _mm256_add_epi32(
+                _mm256_add_epi32(qi[0], qi[1]),
+                _mm256_add_epi32(qi[2], qi[3]),
+            );
+            let total = _mm_add_epi32(
+                _mm256_castsi256_si128(total),
+                _mm256_extracti128_si256::<1>(total),
+            );
             let total = _mm_add_epi32(total, _mm_shuffle_epi32::<0b01_00_11_10>(total));
-            let sum = _mm_cvtsi128_si32(_mm_add_epi32(total, _mm_shuffle_epi32::<0b10_11_00_01>(total)));
+            let sum = _mm_cvtsi128_si32(_mm_add_epi32(
+                total,
+                _mm_shuffle_epi32::<0b10_11_00_01>(total),
+            ));
             let bytes = _mm256_packs_epi16(
                 _mm256_packs_epi32(qi[0], qi[1]),
                 _mm256_packs_epi32(qi[2], qi[3]),
