@@ -339,6 +339,8 @@ mod x86 {
         use super::PREFETCH;
 
         const MR: usize = 6;
+        /// Rows per L2 block (a multiple of MR).
+        const MC: usize = 192;
         /// Columns per micro-kernel call: half a panel.
         const HALF: usize = NR / 2;
 
@@ -377,40 +379,45 @@ mod x86 {
             while k0 < k {
                 let kc = KC.min(k - k0);
                 let first = k0 == 0;
-                for p in p0..p1 {
-                    let mut r0 = 0;
-                    while r0 < m {
-                        let rows = (m - r0).min(MR);
-                        for half in 0..2 {
-                            let col = p * NR + half * HALF;
-                            let cols = n.saturating_sub(col).min(HALF);
-                            if cols == 0 {
-                                continue;
+                // Rows in blocks whose k-slices (MC × KC floats, 192 KB) stay in L2 while every
+                // panel passes over them; all of a large batch's rows would not.
+                for m0 in (0..m).step_by(MC) {
+                    let m1 = (m0 + MC).min(m);
+                    for p in p0..p1 {
+                        let mut r0 = m0;
+                        while r0 < m1 {
+                            let rows = (m1 - r0).min(MR);
+                            for half in 0..2 {
+                                let col = p * NR + half * HALF;
+                                let cols = n.saturating_sub(col).min(HALF);
+                                if cols == 0 {
+                                    continue;
+                                }
+                                let args = Micro {
+                                    a: x.as_ptr().add(r0 * k + k0),
+                                    lda: k,
+                                    b: w.panels.as_ptr().add((p * k + k0) * NR + half * HALF),
+                                    kc,
+                                    c: out.add(r0 * n + col),
+                                    ldc: n,
+                                    masks: [mask8(cols), mask8(cols.saturating_sub(8))],
+                                    start: match (first, bias) {
+                                        (true, Some(bias)) => Start::Bias(bias.as_ptr().add(col)),
+                                        (true, None) => Start::Zero,
+                                        (false, _) => Start::Partial,
+                                    },
+                                };
+                                match rows {
+                                    1 => micro::<1>(args),
+                                    2 => micro::<2>(args),
+                                    3 => micro::<3>(args),
+                                    4 => micro::<4>(args),
+                                    5 => micro::<5>(args),
+                                    _ => micro::<MR>(args),
+                                }
                             }
-                            let args = Micro {
-                                a: x.as_ptr().add(r0 * k + k0),
-                                lda: k,
-                                b: w.panels.as_ptr().add((p * k + k0) * NR + half * HALF),
-                                kc,
-                                c: out.add(r0 * n + col),
-                                ldc: n,
-                                masks: [mask8(cols), mask8(cols.saturating_sub(8))],
-                                start: match (first, bias) {
-                                    (true, Some(bias)) => Start::Bias(bias.as_ptr().add(col)),
-                                    (true, None) => Start::Zero,
-                                    (false, _) => Start::Partial,
-                                },
-                            };
-                            match rows {
-                                1 => micro::<1>(args),
-                                2 => micro::<2>(args),
-                                3 => micro::<3>(args),
-                                4 => micro::<4>(args),
-                                5 => micro::<5>(args),
-                                _ => micro::<MR>(args),
-                            }
+                            r0 += rows;
                         }
-                        r0 += rows;
                     }
                 }
                 k0 += kc;
