@@ -2,8 +2,8 @@
 //! shaped like SmolLM2-135M's layers and totalling about its 92 MB, so the weights come from
 //! memory as in a real decode step:
 //! `cargo bench --bench kernels` (threads: RAYON_NUM_THREADS, default all cores). Then the f32
-//! products of many rows, on the AVX-512 kernel and the AMX tiles (`BENCH_DENSE_ONLY=1`: only
-//! those).
+//! products of many rows, on the panel kernel and the AMX tiles (`BENCH_DENSE_ONLY=1`: only
+//! those), and f32 decode steps over GPT-Neo-125M-shaped layers (`BENCH_GEMV_ONLY=1`: only those).
 
 use std::time::Instant;
 use wordloom::kernels::dense::{packed_matmul_forced, PackedMatrix};
@@ -13,19 +13,11 @@ use wordloom::kernels::{
 
 fn main() {
     if std::env::var_os("BENCH_GEMV_ONLY").is_some() {
-        let mut seed = 3u32;
-        dense_gemv(&mut move || {
-            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
-            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-        });
+        dense_gemv(&mut uniform(3));
         return;
     }
     if std::env::var_os("BENCH_DENSE_ONLY").is_some() {
-        let mut seed = 5u32;
-        dense_f32(&mut move || {
-            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
-            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-        });
+        dense_f32(&mut uniform(5));
         return;
     }
     // BENCH_MB: total weight bytes per pass (default: SmolLM2's 92 MB; small = in cache).
@@ -103,6 +95,15 @@ fn main() {
         }
     }
     dense_f32(&mut rand);
+    dense_gemv(&mut rand);
+}
+
+/// Uniform values in [-0.5, 0.5) from a linear congruential generator.
+fn uniform(mut seed: u32) -> impl FnMut() -> f32 {
+    move || {
+        seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+        (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+    }
 }
 
 /// f32 decode steps (one activation row) over GPT-Neo-125M-shaped layers, 496 MB in all, so the
