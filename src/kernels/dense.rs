@@ -152,13 +152,7 @@ pub fn packed_matmul_forced(
         #[cfg(target_arch = "x86_64")]
         if feats.avx512 {
             // SAFETY: AVX-512 detected; this task writes only columns of panels p0..p1.
-            unsafe {
-                if m == 1 {
-                    x86::gemv(w, x, bias, p0, p1, outp.get());
-                } else {
-                    x86::gemm(w, x, m, bias, p0, p1, outp.get());
-                }
-            }
+            unsafe { x86::gemm(w, x, m, bias, p0, p1, outp.get()) };
             return;
         }
         #[cfg(target_arch = "x86_64")]
@@ -264,70 +258,6 @@ mod x86 {
         }
     }
 
-    /// Bytes ahead of the stream that one row's product prefetches: panels are read front to
-    /// back once per token, and the hardware prefetcher stops at every 4 KiB page.
-    const PREFETCH: usize = 4096;
-
-    /// Panels `[p0, p1)` of `out = x · Wᵀ + bias` for one activation row (decode steps): each
-    /// panel read front to back in one pass, without k-blocking (nothing to reuse), with
-    /// software prefetch and four independent FMA chains per output register.
-    ///
-    /// # Safety
-    /// As [`gemm`], with `x` one row of k floats.
-    #[target_feature(enable = "avx512f,fma")]
-    pub(super) unsafe fn gemv(
-        w: &PackedMatrix,
-        x: &[f32],
-        bias: Option<&[f32]>,
-        p0: usize,
-        p1: usize,
-        out: *mut f32,
-    ) {
-        const UNROLL: usize = 4;
-        let (n, k) = (w.n, w.k);
-        for p in p0..p1 {
-            let b = w.panels.as_ptr().add(p * k * NR);
-            let mut acc = [_mm512_setzero_ps(); 2 * UNROLL];
-            let mut kk = 0;
-            while kk + UNROLL <= k {
-                let line = b.add(kk * NR) as *const i8;
-                for l in 0..UNROLL * NR * 4 / 64 {
-                    _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(PREFETCH + l * 64));
-                }
-                for u in 0..UNROLL {
-                    let xv = _mm512_set1_ps(*x.get_unchecked(kk + u));
-                    let row = b.add((kk + u) * NR);
-                    acc[2 * u] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(row), acc[2 * u]);
-                    acc[2 * u + 1] =
-                        _mm512_fmadd_ps(xv, _mm512_loadu_ps(row.add(16)), acc[2 * u + 1]);
-                }
-                kk += UNROLL;
-            }
-            while kk < k {
-                let xv = _mm512_set1_ps(*x.get_unchecked(kk));
-                let row = b.add(kk * NR);
-                acc[0] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(row), acc[0]);
-                acc[1] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(row.add(16)), acc[1]);
-                kk += 1;
-            }
-            let cols = NR.min(n - p * NR);
-            let (m0, m1) = (lane_mask(cols), lane_mask(cols.saturating_sub(16)));
-            let mut lo =
-                _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[4], acc[6]));
-            let mut hi =
-                _mm512_add_ps(_mm512_add_ps(acc[1], acc[3]), _mm512_add_ps(acc[5], acc[7]));
-            if let Some(bias) = bias {
-                lo = _mm512_add_ps(lo, _mm512_maskz_loadu_ps(m0, bias.as_ptr().add(p * NR)));
-                hi = _mm512_add_ps(
-                    hi,
-                    _mm512_maskz_loadu_ps(m1, bias.as_ptr().add(p * NR + 16)),
-                );
-            }
-            _mm512_mask_storeu_ps(out.add(p * NR), m0, lo);
-            _mm512_mask_storeu_ps(out.add(p * NR + 16), m1, hi);
-        }
-    }
-
     /// The same products on AVX2 + FMA (16 registers of 8 floats): 6 rows × half a panel
     /// (16 columns) per micro-kernel call, 12 accumulators, two weight registers and one
     /// broadcast. (3 rows × the whole panel needs 19 registers; the spilled accumulators
@@ -336,7 +266,6 @@ mod x86 {
         use std::arch::x86_64::*;
 
         use super::super::{PackedMatrix, KC, NR};
-        use super::PREFETCH;
 
         const MR: usize = 6;
         /// Rows per L2 block (a multiple of MR).
@@ -478,8 +407,10 @@ mod x86 {
             }
         }
 
-        /// Panel `p` for one activation row: read front to back once, with software prefetch
-        /// and two independent FMA chains per output register.
+        /// Panel `p` for one activation row: read front to back once, two independent FMA
+        /// chains per output register. (Software prefetch 4 KiB ahead, which the AVX-512
+        /// quantized kernels need, made this stream slower on the AMD EPYC measured:
+        /// `BENCH_GEMV_ONLY=1 cargo bench --bench kernels`, 19–23 vs 25–30 GB/s median.)
         #[inline(always)]
         unsafe fn gemv_panel(
             w: &PackedMatrix,
@@ -495,10 +426,6 @@ mod x86 {
                 let mut odd = [_mm256_setzero_ps(); 4];
                 let mut kk = 0;
                 while kk + 2 <= k {
-                    let line = b.add(kk * NR) as *const i8;
-                    for l in 0..4 {
-                        _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(PREFETCH + l * 64));
-                    }
                     let (x0, x1) = (
                         _mm256_broadcast_ss(x.get_unchecked(kk)),
                         _mm256_broadcast_ss(x.get_unchecked(kk + 1)),
