@@ -259,7 +259,7 @@ pub(super) mod x86 {
             }
         }
 
-        /// Lanes `[0, n)` of an 8-lane mask.
+        /// Lanes `[0, n)` of an 8-lane mask (all for n ≥ 8).
         #[inline(always)]
         pub(crate) unsafe fn mask8(n: usize) -> __m256i {
             unsafe {

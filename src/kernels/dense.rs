@@ -266,21 +266,13 @@ mod x86 {
         use std::arch::x86_64::*;
 
         use super::super::{PackedMatrix, KC, NR};
+        use crate::kernels::activation::x86::avx2::mask8;
 
         const MR: usize = 6;
         /// Rows per L2 block (a multiple of MR).
         const MC: usize = 192;
         /// Columns per micro-kernel call: half a panel.
         const HALF: usize = NR / 2;
-
-        /// Lanes `[0, n)` of an 8-lane mask (all for n ≥ 8).
-        #[inline(always)]
-        unsafe fn mask8(n: usize) -> __m256i {
-            unsafe {
-                let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-                _mm256_cmpgt_epi32(_mm256_set1_epi32(n.min(8) as i32), lanes)
-            }
-        }
 
         /// Panels `[p0, p1)` of `out = x · Wᵀ + bias`.
         ///

@@ -601,48 +601,46 @@ mod tests {
         let qt = Tensor::from_vec(q.clone(), (heads, t, head_dim), &dev).unwrap();
         let kt = Tensor::from_vec(k.clone(), (kv_heads, total, head_dim), &dev).unwrap();
         let vt = Tensor::from_vec(v.clone(), (kv_heads, total, head_dim), &dev).unwrap();
-        {
-            let shape = AttentionShape {
-                heads,
-                kv_heads,
-                head_dim,
-                rope: None,
-                scale: 0.35,
-                window,
-            };
-            let got = prefill_attention_host(&shape, &qt, &kt, &vt, past).unwrap();
-            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            for h in 0..heads {
-                let kvh = h / (heads / kv_heads);
-                for i in 0..t {
-                    let pos = past + i;
-                    let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                    let scores: Vec<f64> = (first..=pos)
-                        .map(|j| {
-                            (0..head_dim)
-                                .map(|d| {
-                                    q[(h * t + i) * head_dim + d] as f64
-                                        * k[(kvh * total + j) * head_dim + d] as f64
-                                })
-                                .sum::<f64>()
-                                * 0.35
-                        })
-                        .collect();
-                    let max = scores.iter().cloned().fold(f64::MIN, f64::max);
-                    let z: f64 = scores.iter().map(|s| (s - max).exp()).sum();
-                    for d in 0..head_dim {
-                        let want: f64 = (first..=pos)
-                            .zip(&scores)
-                            .map(|(j, s)| {
-                                (s - max).exp() / z * v[(kvh * total + j) * head_dim + d] as f64
+        let shape = AttentionShape {
+            heads,
+            kv_heads,
+            head_dim,
+            rope: None,
+            scale: 0.35,
+            window,
+        };
+        let got = prefill_attention_host(&shape, &qt, &kt, &vt, past).unwrap();
+        let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for h in 0..heads {
+            let kvh = h / (heads / kv_heads);
+            for i in 0..t {
+                let pos = past + i;
+                let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                let scores: Vec<f64> = (first..=pos)
+                    .map(|j| {
+                        (0..head_dim)
+                            .map(|d| {
+                                q[(h * t + i) * head_dim + d] as f64
+                                    * k[(kvh * total + j) * head_dim + d] as f64
                             })
-                            .sum();
-                        let have = got[(i * heads + h) * head_dim + d] as f64;
-                        assert!(
-                            (have - want).abs() < 1e-5,
-                            "past {past} t {t} {window:?} h{h} i{i} d{d}: {have} vs {want}"
-                        );
-                    }
+                            .sum::<f64>()
+                            * 0.35
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+                for d in 0..head_dim {
+                    let want: f64 = (first..=pos)
+                        .zip(&scores)
+                        .map(|(j, s)| {
+                            (s - max).exp() / z * v[(kvh * total + j) * head_dim + d] as f64
+                        })
+                        .sum();
+                    let have = got[(i * heads + h) * head_dim + d] as f64;
+                    assert!(
+                        (have - want).abs() < 1e-5,
+                        "past {past} t {t} {window:?} h{h} i{i} d{d}: {have} vs {want}"
+                    );
                 }
             }
         }
