@@ -106,6 +106,17 @@ fn uniform(mut seed: u32) -> impl FnMut() -> f32 {
     }
 }
 
+/// Random (n × k) weight matrices of these shapes, packed for the f32 kernels.
+fn packed_layers(shapes: &[(usize, usize)], rand: &mut impl FnMut() -> f32) -> Vec<PackedMatrix> {
+    shapes
+        .iter()
+        .map(|&(n, k)| {
+            let w: Vec<f32> = (0..n * k).map(|_| rand() * 0.1).collect();
+            PackedMatrix::pack(&w, n, k)
+        })
+        .collect()
+}
+
 /// f32 decode steps (one activation row) over GPT-Neo-125M-shaped layers, 496 MB in all, so the
 /// weights stream from memory as in a real decode step (`BENCH_GEMV_ONLY=1`: only this).
 fn dense_gemv(rand: &mut impl FnMut() -> f32) {
@@ -115,13 +126,7 @@ fn dense_gemv(rand: &mut impl FnMut() -> f32) {
         shapes.extend([(d, d), (d, d), (d, d), (d, d), (4 * d, d), (d, 4 * d)]);
     }
     shapes.push((50257, d));
-    let layers: Vec<PackedMatrix> = shapes
-        .iter()
-        .map(|&(n, k)| {
-            let w: Vec<f32> = (0..n * k).map(|_| rand() * 0.1).collect();
-            PackedMatrix::pack(&w, n, k)
-        })
-        .collect();
+    let layers = packed_layers(&shapes, rand);
     let bytes: usize = shapes.iter().map(|&(n, k)| n * k * 4).sum();
     let x: Vec<f32> = (0..4 * d).map(|_| rand()).collect();
     let mut out = vec![0f32; 50257];
@@ -145,17 +150,11 @@ fn dense_gemv(rand: &mut impl FnMut() -> f32) {
     );
 }
 
-/// f32 products of many rows (encoders at batch, prefill) on MiniLM-shaped layers: the AVX-512
+/// f32 products of many rows (encoders at batch, prefill) on MiniLM-shaped layers: the f32
 /// panel kernel against the AMX bf16×3 tiles (where the CPU has them), in GFLOP/s.
 fn dense_f32(rand: &mut impl FnMut() -> f32) {
     let shapes = [(1152, 384), (384, 384), (1536, 384), (384, 1536)];
-    let layers: Vec<PackedMatrix> = shapes
-        .iter()
-        .map(|&(n, k)| {
-            let w: Vec<f32> = (0..n * k).map(|_| rand() * 0.1).collect();
-            PackedMatrix::pack(&w, n, k)
-        })
-        .collect();
+    let layers = packed_layers(&shapes, rand);
     let x: Vec<f32> = (0..1024 * 1536).map(|_| rand()).collect();
     let mut out = vec![0f32; 1024 * 1536];
     wordloom::kernels::set_matmul_precision(wordloom::kernels::MatmulPrecision::High);
