@@ -289,7 +289,7 @@ mod x86 {
             p1: usize,
             out: *mut f32,
         ) {
-            let (n, k) = (w.n, w.k);
+            let k = w.k;
             if m == 1 {
                 for p in p0..p1 {
                     gemv_panel(w, x, bias, p, out);
@@ -299,49 +299,63 @@ mod x86 {
             let mut k0 = 0;
             while k0 < k {
                 let kc = KC.min(k - k0);
-                let first = k0 == 0;
                 // Rows in blocks whose k-slices (MC × KC floats, 192 KB) stay in L2 while every
                 // panel passes over them; all of a large batch's rows would not.
                 for m0 in (0..m).step_by(MC) {
-                    let m1 = (m0 + MC).min(m);
                     for p in p0..p1 {
-                        let mut r0 = m0;
-                        while r0 < m1 {
-                            let rows = (m1 - r0).min(MR);
-                            for half in 0..2 {
-                                let col = p * NR + half * HALF;
-                                let cols = n.saturating_sub(col).min(HALF);
-                                if cols == 0 {
-                                    continue;
-                                }
-                                let args = Micro {
-                                    a: x.as_ptr().add(r0 * k + k0),
-                                    lda: k,
-                                    b: w.panels.as_ptr().add((p * k + k0) * NR + half * HALF),
-                                    kc,
-                                    c: out.add(r0 * n + col),
-                                    ldc: n,
-                                    masks: [mask8(cols), mask8(cols.saturating_sub(8))],
-                                    start: match (first, bias) {
-                                        (true, Some(bias)) => Start::Bias(bias.as_ptr().add(col)),
-                                        (true, None) => Start::Zero,
-                                        (false, _) => Start::Partial,
-                                    },
-                                };
-                                match rows {
-                                    1 => micro::<1>(args),
-                                    2 => micro::<2>(args),
-                                    3 => micro::<3>(args),
-                                    4 => micro::<4>(args),
-                                    5 => micro::<5>(args),
-                                    _ => micro::<MR>(args),
-                                }
-                            }
-                            r0 += rows;
-                        }
+                        panel_rows(w, x, bias, p, m0..(m0 + MC).min(m), k0..k0 + kc, out);
                     }
                 }
                 k0 += kc;
+            }
+        }
+
+        /// Rows `rows` of panel `p` over the k-slice `ks`: MR rows × half a panel per
+        /// micro-kernel call.
+        #[inline(always)]
+        unsafe fn panel_rows(
+            w: &PackedMatrix,
+            x: &[f32],
+            bias: Option<&[f32]>,
+            p: usize,
+            rows: std::ops::Range<usize>,
+            ks: std::ops::Range<usize>,
+            out: *mut f32,
+        ) {
+            let (n, k) = (w.n, w.k);
+            let mut r0 = rows.start;
+            while r0 < rows.end {
+                let count = (rows.end - r0).min(MR);
+                for half in 0..2 {
+                    let col = p * NR + half * HALF;
+                    let cols = n.saturating_sub(col).min(HALF);
+                    if cols == 0 {
+                        continue;
+                    }
+                    let args = Micro {
+                        a: x.as_ptr().add(r0 * k + ks.start),
+                        lda: k,
+                        b: w.panels.as_ptr().add((p * k + ks.start) * NR + half * HALF),
+                        kc: ks.len(),
+                        c: out.add(r0 * n + col),
+                        ldc: n,
+                        masks: [mask8(cols), mask8(cols.saturating_sub(8))],
+                        start: match (ks.start == 0, bias) {
+                            (true, Some(bias)) => Start::Bias(bias.as_ptr().add(col)),
+                            (true, None) => Start::Zero,
+                            (false, _) => Start::Partial,
+                        },
+                    };
+                    match count {
+                        1 => micro::<1>(args),
+                        2 => micro::<2>(args),
+                        3 => micro::<3>(args),
+                        4 => micro::<4>(args),
+                        5 => micro::<5>(args),
+                        _ => micro::<MR>(args),
+                    }
+                }
+                r0 += count;
             }
         }
 
