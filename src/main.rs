@@ -5,7 +5,9 @@ mod cli;
 use clap::Parser;
 
 /// Large per-step buffers (activations, logits) are freed and re-allocated every token; glibc
-/// returns them to the OS and page-faults them back in, which cost ~15% of prefill. mimalloc keeps them.
+/// returns them to the OS and page-faults them back in, which cost ~15% of prefill. mimalloc keeps
+/// them. It is built without transparent huge pages (`no_thp`): a partly used 2 MiB page is
+/// resident in full; the weights have huge pages of their own (`kernels::weight_memory`).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

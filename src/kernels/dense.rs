@@ -9,6 +9,7 @@
 #[cfg(target_arch = "x86_64")]
 use std::sync::OnceLock;
 
+use super::weight_memory::WeightBuf;
 use super::{features, par_ranges, SendPtr};
 
 /// Output columns per panel (two AVX-512 registers).
@@ -27,17 +28,31 @@ const AMX_MIN_ROWS: usize = 16;
 pub struct PackedMatrix {
     n: usize,
     k: usize,
-    panels: Vec<f32>,
+    panels: WeightBuf<f32>,
     /// The same weights as AMX tiles, made on the first product with many rows.
     #[cfg(target_arch = "x86_64")]
     tiles: OnceLock<super::amx::AmxWeights>,
 }
 
 impl PackedMatrix {
+    /// Packed on the heap: for short-lived matrices (attention's keys).
     pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
+        Self::pack_into(
+            w,
+            n,
+            k,
+            WeightBuf::on_heap(vec![0f32; n.div_ceil(NR) * k * NR]),
+        )
+    }
+
+    /// Packed into huge-page weight memory: for a model's weights.
+    pub fn pack_weights(w: &[f32], n: usize, k: usize) -> Self {
+        Self::pack_into(w, n, k, WeightBuf::zeroed(n.div_ceil(NR) * k * NR))
+    }
+
+    /// `panels`: zeroed, `ceil(n / NR) · k · NR` long.
+    fn pack_into(w: &[f32], n: usize, k: usize, mut panels: WeightBuf<f32>) -> Self {
         assert_eq!(w.len(), n * k, "weight length is n × k");
-        let count = n.div_ceil(NR);
-        let mut panels = vec![0f32; count * k * NR];
         for (p, panel) in panels.chunks_exact_mut(k * NR).enumerate() {
             for j in 0..NR.min(n - p * NR) {
                 let row = &w[(p * NR + j) * k..(p * NR + j + 1) * k];
@@ -61,10 +76,10 @@ impl PackedMatrix {
                 dst[..cols].copy_from_slice(&wt[kk * n + p * NR..][..cols]);
             }
         }
-        PackedMatrix::from_panels(n, k, panels)
+        PackedMatrix::from_panels(n, k, WeightBuf::on_heap(panels))
     }
 
-    fn from_panels(n: usize, k: usize, panels: Vec<f32>) -> Self {
+    fn from_panels(n: usize, k: usize, panels: WeightBuf<f32>) -> Self {
         PackedMatrix {
             n,
             k,

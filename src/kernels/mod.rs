@@ -52,6 +52,7 @@ pub mod dense;
 pub mod norm;
 mod pool;
 mod scalar;
+pub mod weight_memory;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -134,7 +135,7 @@ pub struct QuantTensor {
     kind: QuantKind,
     rows: usize,
     cols: usize,
-    data: Vec<u8>,
+    data: weight_memory::WeightBuf<u8>,
 }
 
 impl QuantTensor {
@@ -150,7 +151,7 @@ impl QuantTensor {
         let (nb, bb) = (cols / 32, kind.block_bytes());
         let chunk = GROUP * bb;
         let group_bytes = nb * chunk;
-        let mut data = vec![0u8; rows.div_ceil(GROUP) * group_bytes];
+        let mut data = weight_memory::WeightBuf::zeroed(rows.div_ceil(GROUP) * group_bytes);
         let (qs, lines) = match kind {
             QuantKind::Q4_1 => (4, 4),
             QuantKind::Q4_0 => (2, 4),

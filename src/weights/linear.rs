@@ -115,7 +115,7 @@ impl LinearWeight {
             let (n, k) = weight.dims2()?;
             // Packed straight from the tensor's memory: no third copy of a large table.
             let weight = weight.contiguous()?;
-            let packed = with_host_f32(&weight, |w| PackedMatrix::pack(w, n, k))?;
+            let packed = with_host_f32(&weight, |w| PackedMatrix::pack_weights(w, n, k))?;
             return Ok(LinearWeight::Packed(Arc::new(packed)));
         }
         Ok(LinearWeight::Dense(weight))
