@@ -15,13 +15,17 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 fn main() -> std::process::ExitCode {
+    let args = cli::Cli::parse();
     // Training steps free and re-allocate buffers of tens of MB (expanded frozen weights, logits,
     // gradients). By default mimalloc hands freed memory back to the OS after 10 ms and the
-    // kernel zeroes every page again on reuse: 36% of a LoRA step in `perf`. Keep it for reuse
-    // (peak memory is unchanged; LoRA tokens/s x1.45).
-    // SAFETY: sets a process-wide allocator option; no allocation state is touched.
-    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
-    let args = cli::Cli::parse();
+    // kernel zeroes every page again on reuse: 36% of a LoRA step in `perf`, so training keeps
+    // it (LoRA tokens/s x1.45). Inference reuses its buffers within milliseconds: memory idle
+    // for a second goes back (the SmolLM2 bench's peak 203-234 -> 190-200 MiB, same speed;
+    // a purge delay of 0 cost a third of prefill).
+    let purge_delay_ms = if args.trains() { -1 } else { 1000 };
+    // SAFETY: sets a process-wide allocator option, read when memory is freed; no allocation
+    // state is touched.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, purge_delay_ms) };
     cli::init_logging();
     match cli::run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,

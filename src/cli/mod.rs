@@ -208,6 +208,13 @@ pub fn init_logging() {
         .try_init();
 }
 
+impl Cli {
+    /// Whether this command trains (and so keeps freed memory for the next step).
+    pub fn trains(&self) -> bool {
+        matches!(self.command, Command::Finetune(_))
+    }
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     wordloom::kernels::set_matmul_precision(match cli.matmul_precision {
         MatmulPrecisionArg::Highest => wordloom::kernels::MatmulPrecision::Highest,
