@@ -237,7 +237,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 .squeeze(0)?
                 .to_vec1::<f32>()?,
         );
-        let mut cache = model.new_cache();
+        // Decode from an empty cache, as llama-bench's tg runs do, reusing the prefill's memory.
+        cache.clear();
         let t0 = Instant::now();
         for _ in 0..args.gen_tokens {
             let logits = model.forward(&mut [SeqInput {
