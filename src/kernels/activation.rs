@@ -33,6 +33,46 @@ fn in_parallel(values: &mut [f32], f: impl Fn(&mut [f32]) + Sync) {
     });
 }
 
+/// SiLU (`x / (1 + e^(-x))`, also called swish) in place.
+pub fn silu_inplace(values: &mut [f32]) {
+    in_parallel(values, |values| silu_mul_serial(values, None))
+}
+
+/// SwiGLU's gating in place: `gate ← silu(gate) · up`, one pass instead of candle's libm
+/// exponential per element, its product and two fresh tensors.
+pub fn silu_mul_inplace(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(
+        gate.len(),
+        up.len(),
+        "SwiGLU's gate and up projections differ in length"
+    );
+    let base = super::SendPtr(gate.as_mut_ptr());
+    super::parallel_chunks(gate.len(), 16, |start, end| {
+        // SAFETY: the chunks are disjoint pieces of `gate`, which outlives the call.
+        let gate = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), end - start) };
+        silu_mul_serial(gate, Some(&up[start..end]))
+    });
+}
+
+/// `gate ← silu(gate) (· up)` on the calling thread.
+fn silu_mul_serial(gate: &mut [f32], up: Option<&[f32]>) {
+    #[cfg(target_arch = "x86_64")]
+    if super::features().avx512 {
+        // SAFETY: AVX-512F detected; `up`, where given, is as long as `gate`.
+        unsafe { x86::silu_mul(gate, up) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::features().avx2 {
+        // SAFETY: AVX2 and FMA detected; `up`, where given, is as long as `gate`.
+        unsafe { x86::avx2::silu_mul(gate, up) };
+        return;
+    }
+    for (i, g) in gate.iter_mut().enumerate() {
+        *g = *g / (1.0 + (-*g).exp()) * up.map_or(1.0, |u| u[i]);
+    }
+}
+
 /// Tanh-approximated GELU (transformers' `gelu_new` / `gelu_pytorch_tanh`) in place, through
 /// the identity 0.5·(1 + tanh(u)) = 1 / (1 + e^(-2u)), u = √(2/π)·(x + 0.044715·x³).
 pub fn gelu_tanh_inplace(values: &mut [f32]) {
@@ -180,6 +220,35 @@ pub(super) mod x86 {
         }
     }
 
+    /// `gate ← gate / (1 + e^(-gate)) (· up)`; `up`, where given, as long as `gate`.
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn silu_mul(gate: &mut [f32], up: Option<&[f32]>) {
+        let one = _mm512_set1_ps(1.0);
+        let silu = |x: __m512| unsafe {
+            let e = exp_clamped(_mm512_sub_ps(_mm512_setzero_ps(), x));
+            _mm512_div_ps(x, _mm512_add_ps(one, e))
+        };
+        let Some(up) = up else {
+            return unsafe { map16(gate, silu) };
+        };
+        let n = gate.len();
+        let (g, u) = (gate.as_mut_ptr(), up.as_ptr());
+        let mut i = 0;
+        while i < n {
+            let mask = if n - i >= 16 {
+                u16::MAX
+            } else {
+                ((1u32 << (n - i)) - 1) as u16
+            };
+            unsafe {
+                let x = _mm512_maskz_loadu_ps(mask, g.add(i));
+                let y = _mm512_mul_ps(silu(x), _mm512_maskz_loadu_ps(mask, u.add(i)));
+                _mm512_mask_storeu_ps(g.add(i), mask, y);
+            }
+            i += 16;
+        }
+    }
+
     #[target_feature(enable = "avx512f,fma")]
     pub(super) unsafe fn gelu_erf(values: &mut [f32]) {
         unsafe { map16(values, |x| gelu_erf16(x)) }
@@ -305,6 +374,31 @@ pub(super) mod x86 {
             lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
         }
 
+        /// `gate ← gate / (1 + e^(-gate)) (· up)`; `up`, where given, as long as `gate`.
+        #[target_feature(enable = "avx2,fma")]
+        pub(crate) unsafe fn silu_mul(gate: &mut [f32], up: Option<&[f32]>) {
+            let one = _mm256_set1_ps(1.0);
+            let silu = |x: __m256| unsafe {
+                let e = exp_clamped(_mm256_sub_ps(_mm256_setzero_ps(), x));
+                _mm256_div_ps(x, _mm256_add_ps(one, e))
+            };
+            let Some(up) = up else {
+                return unsafe { map8(gate, silu) };
+            };
+            let n = gate.len();
+            let (g, u) = (gate.as_mut_ptr(), up.as_ptr());
+            let mut i = 0;
+            while i < n {
+                unsafe {
+                    let mask = mask8(n - i);
+                    let x = _mm256_maskload_ps(g.add(i), mask);
+                    let y = _mm256_mul_ps(silu(x), _mm256_maskload_ps(u.add(i), mask));
+                    _mm256_maskstore_ps(g.add(i), mask, y);
+                }
+                i += 8;
+            }
+        }
+
         #[target_feature(enable = "avx2,fma")]
         pub(crate) unsafe fn gelu_tanh(values: &mut [f32]) {
             unsafe {
@@ -391,6 +485,38 @@ mod tests {
                 "gelu({x}) = {g}, want {want}"
             );
             assert!((gelu_erf_scalar(*x) as f64 - want).abs() < 2e-6 * (1.0 + want.abs()));
+        }
+    }
+
+    #[test]
+    fn silu_and_swiglu_match_the_definition() {
+        let xs: Vec<f32> = (-1000..=1003)
+            .map(|i| i as f32 * 0.013)
+            .chain([-100.0, 100.0, 0.0])
+            .collect();
+        let up: Vec<f32> = (0..xs.len()).map(|i| (i % 7) as f32 - 3.25).collect();
+        let want = |x: f32| x as f64 / (1.0 + (-x as f64).exp());
+        let mut silu = xs.clone();
+        silu_inplace(&mut silu);
+        let mut swiglu = xs.clone();
+        silu_mul_inplace(&mut swiglu, &up);
+        let mut scalar = xs.clone();
+        for (i, g) in scalar.iter_mut().enumerate() {
+            *g = *g / (1.0 + (-*g).exp()) * up[i];
+        }
+        for i in 0..xs.len() {
+            let w = want(xs[i]);
+            assert!(
+                (silu[i] as f64 - w).abs() <= 1e-6 * (1.0 + w.abs()),
+                "silu({})",
+                xs[i]
+            );
+            let w = w * up[i] as f64;
+            assert!(
+                (swiglu[i] as f64 - w).abs() <= 1e-6 * (1.0 + w.abs()),
+                "swiglu at {i}"
+            );
+            assert!((scalar[i] as f64 - w).abs() <= 1e-6 * (1.0 + w.abs()));
         }
     }
 

@@ -108,6 +108,7 @@ impl Activation {
             Activation::GeluTanh if host_f32(x) => map_host(x, activation::gelu_tanh_inplace)?,
             Activation::GeluTanh => x.gelu()?,
             Activation::Relu => x.relu()?,
+            Activation::Silu if host_f32(x) => map_host(x, activation::silu_inplace)?,
             Activation::Silu => x.silu()?,
             Activation::Tanh => x.tanh()?,
         })
@@ -120,10 +121,24 @@ impl Activation {
             Activation::Gelu => activation::gelu_erf_inplace(values),
             Activation::GeluTanh => activation::gelu_tanh_inplace(values),
             Activation::Relu => values.iter_mut().for_each(|v| *v = v.max(0.0)),
-            Activation::Silu => values.iter_mut().for_each(|v| *v /= 1.0 + (-*v).exp()),
+            Activation::Silu => activation::silu_inplace(values),
             Activation::Tanh => values.iter_mut().for_each(|v| *v = v.tanh()),
         }
     }
+}
+
+/// SwiGLU's gating, `silu(gate) · up`: one host pass at inference, candle's ops (which carry
+/// gradients) otherwise.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if host_f32(gate) && host_f32(up) && gate.shape() == up.shape() {
+        let mut values = gate.flatten_all()?.to_vec1::<f32>()?;
+        let up = up.contiguous()?;
+        crate::weights::linear::with_host_f32(&up, |up| {
+            activation::silu_mul_inplace(&mut values, up)
+        })?;
+        return Ok(Tensor::from_vec(values, gate.shape(), gate.device())?);
+    }
+    Ok((candle_nn::ops::silu(gate)? * up)?)
 }
 
 /// Whether our host kernels may run: CPU f32, and no gradient to carry (they leave the graph).
