@@ -8,6 +8,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::kernels::activation;
 
 /// How to pick each next token.
 #[derive(Clone, Debug, PartialEq)]
@@ -109,6 +110,8 @@ pub struct Sampler {
     rng: StdRng,
     /// Scratch buffer of (token, value) pairs, reused across steps.
     candidates: Vec<(u32, f32)>,
+    /// Scratch buffer of the vocabulary's sampling weights, reused across steps.
+    weights: Vec<f32>,
 }
 
 impl Sampler {
@@ -122,6 +125,7 @@ impl Sampler {
             params,
             rng,
             candidates: Vec::new(),
+            weights: Vec::new(),
         })
     }
 
@@ -139,13 +143,22 @@ impl Sampler {
         }
         let inv_t = 1.0 / self.params.temperature;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        // e^((l − max)/T) over the whole vocabulary, vectorised (tens of thousands per token).
+        self.weights.clear();
+        self.weights.extend(logits.iter().map(|l| l * inv_t));
+        activation::exp_shifted_inplace(&mut self.weights, max * inv_t);
         self.candidates.clear();
+        // Tokens masked to -inf (JSON mode, banned ids) are no candidates at all.
         self.candidates.extend(
-            logits
-                .iter()
-                .enumerate()
-                .map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp())),
+            (0..logits.len() as u32)
+                .zip(&self.weights)
+                .zip(logits.iter())
+                .filter(|(_, &l)| l != f32::NEG_INFINITY)
+                .map(|((i, &w), _)| (i, w)),
         );
+        if self.candidates.is_empty() {
+            return argmax(logits);
+        }
         let mut kept = sort_top(
             &mut self.candidates,
             self.params.top_k.unwrap_or(usize::MAX),
