@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 /// How long an idle worker spins before it starts sleeping between checks.
 const SPIN: Duration = Duration::from_micros(200);
+/// Checks of the generation between two reads of the clock while spinning (~1 µs).
+const SPINS_PER_CLOCK_READ: usize = 32;
 const NAP: Duration = Duration::from_micros(50);
 /// After this long without work (a chat waiting for input, an idle server) naps grow longer.
 const DOZE_AFTER: Duration = Duration::from_millis(50);
@@ -138,7 +140,13 @@ fn worker(shared: &Shared) {
         } else {
             let idle = idle_since.elapsed();
             if idle < SPIN {
-                std::hint::spin_loop();
+                // Between clock reads: a clock read per check was 6% of a loaded server's time.
+                for _ in 0..SPINS_PER_CLOCK_READ {
+                    if shared.generation.load(Ordering::Acquire) != seen {
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
             } else {
                 std::thread::sleep(if idle < DOZE_AFTER { NAP } else { DOZE });
             }
