@@ -279,55 +279,85 @@ fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
 /// One activation row of [`QuantizedActs`]: int8 values, block scales, scaled block sums.
 type ActRow<'a> = (&'a mut [i8], &'a mut [f32], &'a mut [f32]);
 
-/// Rows of `acts` as (q, d, s) slices, row by row, from row `first` on.
-fn act_rows_mut(acts: &mut QuantizedActs, first: usize) -> impl Iterator<Item = ActRow<'_>> {
-    let (cols, nb) = (acts.cols, acts.nb);
-    acts.q[first * cols..]
-        .chunks_exact_mut(cols)
-        .zip(acts.d[first * nb..].chunks_exact_mut(nb))
-        .zip(acts.s[first * nb..].chunks_exact_mut(nb))
-        .map(|((q, d), s)| (q, d, s))
+/// The rows of a [`QuantizedActs`] for pool tasks that each fill rows of their own.
+#[derive(Clone, Copy)]
+struct ActRowsPtr {
+    q: *mut i8,
+    d: *mut f32,
+    s: *mut f32,
+    cols: usize,
+    nb: usize,
+}
+// SAFETY: only a pointer to buffers that outlive the parallel call; tasks write disjoint rows.
+unsafe impl Send for ActRowsPtr {}
+unsafe impl Sync for ActRowsPtr {}
+
+impl ActRowsPtr {
+    fn new(acts: &mut QuantizedActs) -> Self {
+        ActRowsPtr {
+            q: acts.q.as_mut_ptr(),
+            d: acts.d.as_mut_ptr(),
+            s: acts.s.as_mut_ptr(),
+            cols: acts.cols,
+            nb: acts.nb,
+        }
+    }
+
+    /// # Safety
+    /// `r` is a row of the buffers, and no other reference to it exists while this one lives.
+    unsafe fn row<'a>(self, r: usize) -> ActRow<'a> {
+        use std::slice::from_raw_parts_mut;
+        let (cols, nb) = (self.cols, self.nb);
+        unsafe {
+            (
+                from_raw_parts_mut(self.q.add(r * cols), cols),
+                from_raw_parts_mut(self.d.add(r * nb), nb),
+                from_raw_parts_mut(self.s.add(r * nb), nb),
+            )
+        }
+    }
 }
 
+/// Quantize the `m` rows of `x` into `acts`; `parallel`: on the kernel pool where worth it.
 fn quantize_rows(x: &[f32], m: usize, cols: usize, acts: &mut QuantizedActs, parallel: bool) {
     acts.resize(m, cols);
-    let rows = act_rows_mut(acts, 0).take(m).zip(x.chunks_exact(cols));
-    let job = |((q, d, s), xr): (ActRow, &[f32])| quantize_row(xr, q, d, s);
-    if parallel && m >= 64 && rayon::current_num_threads() > 1 {
-        use rayon::prelude::*;
-        rows.par_bridge().for_each(job);
+    let rows = ActRowsPtr::new(acts);
+    let job = |r0: usize, r1: usize| {
+        for r in r0..r1 {
+            // SAFETY: r < m rows were sized above; each task has rows of its own.
+            let (q, d, s) = unsafe { rows.row(r) };
+            quantize_row(&x[r * cols..][..cols], q, d, s);
+        }
+    };
+    if parallel {
+        parallel_chunks(m, cols * 4, job);
     } else {
-        rows.for_each(job);
+        job(0, m);
     }
 }
 
 /// Rows 0..m of `acts`: `x` quantized; rows m..2m: what that int8 rounding left over,
-/// quantized again (see [`quant_matmul_precise`]).
+/// quantized again (see [`quant_matmul_precise`]). On the kernel pool: a prefill's 512 rows
+/// took 3% of it on one thread while the others waited.
 fn quantize_rows_precise(x: &[f32], m: usize, cols: usize, acts: &mut QuantizedActs) {
     acts.resize(2 * m, cols);
     let nb = cols / 32;
-    let (main, rest): (Vec<_>, Vec<_>) = {
-        let mut all: Vec<_> = act_rows_mut(acts, 0).take(2 * m).collect();
-        let rest = all.split_off(m);
-        (all, rest)
-    };
-    let job = |(((q, d, s), (rq, rd, rs)), xr): ((ActRow, ActRow), &[f32])| {
-        quantize_row(xr, q, d, s);
+    let rows = ActRowsPtr::new(acts);
+    parallel_chunks(m, cols * 8, |r0, r1| {
         let mut residual = vec![0f32; cols];
-        for b in 0..nb {
-            for j in b * 32..b * 32 + 32 {
-                residual[j] = xr[j] - d[b] * q[j] as f32;
+        for r in r0..r1 {
+            let xr = &x[r * cols..][..cols];
+            // SAFETY: rows r and m + r (< 2m, sized above) belong to this task alone.
+            let ((q, d, s), (rq, rd, rs)) = unsafe { (rows.row(r), rows.row(m + r)) };
+            quantize_row(xr, q, d, s);
+            for b in 0..nb {
+                for j in b * 32..b * 32 + 32 {
+                    residual[j] = xr[j] - d[b] * q[j] as f32;
+                }
             }
+            quantize_row(&residual, rq, rd, rs);
         }
-        quantize_row(&residual, rq, rd, rs);
-    };
-    let rows = main.into_iter().zip(rest).zip(x.chunks_exact(cols));
-    if m >= 64 && rayon::current_num_threads() > 1 {
-        use rayon::prelude::*;
-        rows.par_bridge().for_each(job);
-    } else {
-        rows.for_each(job);
-    }
+    });
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -649,9 +679,19 @@ pub fn quant_matmul_precise(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32
         product.resize(2 * m * rows, 0.0);
         quant_matmul_q8(w, acts, 2 * m, product, None);
         let (main, correction) = product.split_at(m * rows);
-        for ((o, a), b) in out[..m * rows].iter_mut().zip(main).zip(correction) {
-            *o = a + b;
-        }
+        let outp = SendPtr(out.as_mut_ptr());
+        // Megabytes at a prefill: on the pool, like the product itself.
+        parallel_chunks(m * rows, 12, |start, end| {
+            // SAFETY: the chunks are disjoint pieces of `out`, which outlives the call.
+            let out = unsafe { std::slice::from_raw_parts_mut(outp.get().add(start), end - start) };
+            for ((o, a), b) in out
+                .iter_mut()
+                .zip(&main[start..end])
+                .zip(&correction[start..end])
+            {
+                *o = a + b;
+            }
+        });
     };
     let mut done = false;
     ACTS.with(|a| {
