@@ -676,6 +676,19 @@ pub fn quant_matmul_precise(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32
     }
     let mut run = |acts: &mut QuantizedActs, product: &mut Vec<f32>| {
         quantize_rows_precise(&x[..m * cols], m, cols, acts);
+        #[cfg(target_arch = "x86_64")]
+        if features().avx2 && !features().avx512 {
+            // Each token's two rows summed inside the kernel: no 2m-row product to write and
+            // add up (the same arithmetic as below).
+            let outp = SendPtr(out.as_mut_ptr());
+            let per_row = w.row_bytes() * (2 + 2 * m) / 3;
+            par_ranges(rows, GROUP, per_row, true, |r0, r1| {
+                // SAFETY: AVX2 detected; the range [r0, r1) of every output row is only
+                // written by this task.
+                unsafe { x86::gemv_precise_avx2(w, acts, m, r0, r1, outp.get()) };
+            });
+            return;
+        }
         product.resize(2 * m * rows, 0.0);
         quant_matmul_q8(w, acts, 2 * m, product, None);
         let (main, correction) = product.split_at(m * rows);

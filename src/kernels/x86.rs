@@ -395,6 +395,95 @@ unsafe fn gemv_kind_avx2<const K: u8, const MX: usize>(
     }
 }
 
+/// Rows `[r0, r1)` (`r0` a multiple of 16) of `out (m × rows)` from precise activations:
+/// `acts` rows `0..m` and their int8 residuals `m..2m` (see `quant_matmul_precise`). A token's
+/// two rows go through the weights side by side and their sums are added before the one store,
+/// so no `2m`-row product is written and summed afterwards (the same f32 additions).
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `out` must hold `m × w.rows` floats and no other
+/// thread may write the touched elements concurrently.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn gemv_precise_avx2(
+    w: &QuantMatrix,
+    acts: &QuantizedActs,
+    m: usize,
+    r0: usize,
+    r1: usize,
+    out: *mut f32,
+) {
+    debug_assert_eq!(r0 % 16, 0);
+    unsafe fn tokens<const K: u8>(
+        w: &QuantMatrix,
+        acts: &QuantizedActs,
+        m: usize,
+        r0: usize,
+        r1: usize,
+        out: *mut f32,
+    ) {
+        let mut t0 = 0;
+        while t0 < m {
+            unsafe {
+                if m - t0 >= 2 {
+                    gemv_pairs_avx2::<K, 4>(w, acts, m, t0, r0, r1, out);
+                } else {
+                    gemv_pairs_avx2::<K, 2>(w, acts, m, t0, r0, r1, out);
+                }
+            }
+            t0 += 2;
+        }
+    }
+    unsafe {
+        match kind_id(w.kind) {
+            KQ4_0 => tokens::<KQ4_0>(w, acts, m, r0, r1, out),
+            KQ4_1 => tokens::<KQ4_1>(w, acts, m, r0, r1, out),
+            _ => tokens::<KQ8_0>(w, acts, m, r0, r1, out),
+        }
+    }
+}
+
+/// Tokens `t0..t0 + MX/2`, each as its (main, residual) pair of activation rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemv_pairs_avx2<const K: u8, const MX: usize>(
+    w: &QuantMatrix,
+    acts: &QuantizedActs,
+    m: usize,
+    t0: usize,
+    r0: usize,
+    r1: usize,
+    out: *mut f32,
+) {
+    unsafe {
+        let (cols, nb) = (acts.cols, acts.nb);
+        let mut xq = [std::ptr::null::<i8>(); MX];
+        let mut xd = [std::ptr::null::<f32>(); MX];
+        let mut xs = [std::ptr::null::<f32>(); MX];
+        for i in 0..MX {
+            let row = t0 + i / 2 + if i % 2 == 1 { m } else { 0 };
+            xq[i] = acts.q[row * cols..].as_ptr();
+            xd[i] = acts.d[row * nb..].as_ptr();
+            xs[i] = acts.s[row * nb..].as_ptr();
+        }
+        let group_bytes = nb * chunk_bytes(K);
+        let mut r = r0;
+        while r < r1 {
+            let c0 = w.data.as_ptr().add((r / 16) * group_bytes);
+            let acc = group8_avx2::<K, MX>(c0, (r / 8) % 2, nb, xq, xd, xs);
+            let valid = (r1 - r).min(8);
+            for t in 0..MX / 2 {
+                let sum = _mm256_add_ps(acc[2 * t], acc[2 * t + 1]);
+                let dst = out.add((t0 + t) * w.rows + r);
+                if valid == 8 {
+                    _mm256_storeu_ps(dst, sum);
+                } else {
+                    _mm256_maskstore_ps(dst, super::activation::x86::avx2::mask8(valid), sum);
+                }
+            }
+            r += 8;
+        }
+    }
+}
+
 /// Pointers to activation rows `i0..i0 + MX`.
 #[inline(always)]
 fn act_rows<const MX: usize>(
