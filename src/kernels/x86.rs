@@ -379,16 +379,8 @@ unsafe fn gemv_kind_avx2<const K: u8, const MX: usize>(
         while r < r1 {
             let c0 = w.data.as_ptr().add((r / 16) * group_bytes);
             let acc = group8_avx2::<K, MX>(c0, (r / 8) % 2, acts.nb, xq, xd, xs);
-            let valid = (r1 - r).min(8);
             for i in 0..MX {
-                let dst = out.add((i0 + i) * w.rows + r);
-                if valid == 8 {
-                    _mm256_storeu_ps(dst, acc[i]);
-                } else {
-                    // The matrix's last rows: a masked store (a copy of 32 bytes was a
-                    // `memmove` call per store, 2% of a prefill).
-                    _mm256_maskstore_ps(dst, super::activation::x86::avx2::mask8(valid), acc[i]);
-                }
+                store_rows8(out.add((i0 + i) * w.rows + r), acc[i], r1 - r);
             }
             r += 8;
         }
@@ -454,32 +446,31 @@ unsafe fn gemv_pairs_avx2<const K: u8, const MX: usize>(
     out: *mut f32,
 ) {
     unsafe {
-        let (cols, nb) = (acts.cols, acts.nb);
-        let mut xq = [std::ptr::null::<i8>(); MX];
-        let mut xd = [std::ptr::null::<f32>(); MX];
-        let mut xs = [std::ptr::null::<f32>(); MX];
-        for i in 0..MX {
-            let row = t0 + i / 2 + if i % 2 == 1 { m } else { 0 };
-            xq[i] = acts.q[row * cols..].as_ptr();
-            xd[i] = acts.d[row * nb..].as_ptr();
-            xs[i] = acts.s[row * nb..].as_ptr();
-        }
-        let group_bytes = nb * chunk_bytes(K);
+        // Even slots: token t0 + i/2's row; odd slots: its residual, m rows further.
+        let (xq, xd, xs) = act_rows_at::<MX>(acts, |i| t0 + i / 2 + (i % 2) * m);
+        let group_bytes = acts.nb * chunk_bytes(K);
         let mut r = r0;
         while r < r1 {
             let c0 = w.data.as_ptr().add((r / 16) * group_bytes);
-            let acc = group8_avx2::<K, MX>(c0, (r / 8) % 2, nb, xq, xd, xs);
-            let valid = (r1 - r).min(8);
+            let acc = group8_avx2::<K, MX>(c0, (r / 8) % 2, acts.nb, xq, xd, xs);
             for t in 0..MX / 2 {
                 let sum = _mm256_add_ps(acc[2 * t], acc[2 * t + 1]);
-                let dst = out.add((t0 + t) * w.rows + r);
-                if valid == 8 {
-                    _mm256_storeu_ps(dst, sum);
-                } else {
-                    _mm256_maskstore_ps(dst, super::activation::x86::avx2::mask8(valid), sum);
-                }
+                store_rows8(out.add((t0 + t) * w.rows + r), sum, r1 - r);
             }
             r += 8;
+        }
+    }
+}
+
+/// Eight outputs of one row at `dst`, of which the first `left` (if under 8) are the matrix's
+/// (a copy of a runtime length was a `memmove` call per store, 2% of a prefill).
+#[inline(always)]
+unsafe fn store_rows8(dst: *mut f32, v: __m256, left: usize) {
+    unsafe {
+        if left >= 8 {
+            _mm256_storeu_ps(dst, v);
+        } else {
+            _mm256_maskstore_ps(dst, super::activation::x86::avx2::mask8(left), v);
         }
     }
 }
@@ -490,14 +481,23 @@ fn act_rows<const MX: usize>(
     acts: &QuantizedActs,
     i0: usize,
 ) -> ([*const i8; MX], [*const f32; MX], [*const f32; MX]) {
+    act_rows_at::<MX>(acts, |i| i0 + i)
+}
+
+/// Pointers to activation rows `row(0)..row(MX - 1)`.
+#[inline(always)]
+fn act_rows_at<const MX: usize>(
+    acts: &QuantizedActs,
+    row: impl Fn(usize) -> usize,
+) -> ([*const i8; MX], [*const f32; MX], [*const f32; MX]) {
     let (cols, nb) = (acts.cols, acts.nb);
     let mut xq = [std::ptr::null::<i8>(); MX];
     let mut xd = [std::ptr::null::<f32>(); MX];
     let mut xs = [std::ptr::null::<f32>(); MX];
     for i in 0..MX {
-        xq[i] = acts.q[(i0 + i) * cols..].as_ptr();
-        xd[i] = acts.d[(i0 + i) * nb..].as_ptr();
-        xs[i] = acts.s[(i0 + i) * nb..].as_ptr();
+        xq[i] = acts.q[row(i) * cols..].as_ptr();
+        xd[i] = acts.d[row(i) * nb..].as_ptr();
+        xs[i] = acts.s[row(i) * nb..].as_ptr();
     }
     (xq, xd, xs)
 }
