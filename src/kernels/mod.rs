@@ -628,9 +628,8 @@ fn quant_matmul_q8(
     let feats = features();
     let use_gemm = feats.avx512 && gemm.unwrap_or(m > SMALL_M);
     if !use_gemm {
-        // Group streaming: memory-bound for small m; cost in "bytes streamed" units. Tasks
-        // start on group boundaries: a group's 16 outputs are written by one task.
-        let per_row = w.row_bytes() * (2 + m) / 3;
+        // Tasks start on group boundaries: a group's 16 outputs are written by one task.
+        let per_row = streaming_cost_per_row(w, m);
         par_ranges(rows, GROUP, per_row, true, |r0, r1| {
             #[cfg(target_arch = "x86_64")]
             if feats.avx512 {
@@ -661,6 +660,12 @@ fn quant_matmul_q8(
     }
 }
 
+/// Work per weight row of the group-streaming kernels over `act_rows` activation rows, in
+/// `par_ranges`' units (≈ bytes streamed): memory-bound for few rows, more per row after.
+fn streaming_cost_per_row(w: &QuantMatrix, act_rows: usize) -> usize {
+    w.row_bytes() * (2 + act_rows) / 3
+}
+
 /// [`quant_matmul`] with about 15-bit activations: each activation block is rounded to int8, and
 /// the rounding residual is rounded to int8 again as an extra activation row, so the int8 kernels
 /// apply every weight block to both while reading it once. The result matches an f32 matmul of
@@ -681,7 +686,7 @@ pub fn quant_matmul_precise(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32
             // Each token's two rows summed inside the kernel: no 2m-row product to write and
             // add up (the same arithmetic as below).
             let outp = SendPtr(out.as_mut_ptr());
-            let per_row = w.row_bytes() * (2 + 2 * m) / 3;
+            let per_row = streaming_cost_per_row(w, 2 * m);
             par_ranges(rows, GROUP, per_row, true, |r0, r1| {
                 // SAFETY: AVX2 detected; the range [r0, r1) of every output row is only
                 // written by this task.
