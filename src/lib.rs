@@ -2,8 +2,10 @@
 //! generation, chat, perplexity — from one Rust library and binary.
 //!
 //! Layers, top to bottom (nothing below imports what is above):
-//! `serve` -> `remote` -> `train` -> `tasks`/`generate` -> `models` -> `tokenizer` -> `weights`.
+//! `serve` -> `remote` -> `train` -> `tasks`/`generate` -> `models` -> `tokenizer` -> `weights`
+//! -> `autograd` -> `kernels`.
 
+pub mod autograd;
 pub mod error;
 pub mod generate;
 pub mod kernels;

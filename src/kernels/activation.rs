@@ -3,23 +3,51 @@
 /// Exact-GELU (`x·Φ(x)`, transformers' `gelu`) in place. erf uses Abramowitz & Stegun 7.1.26
 /// (absolute error ≤ 1.5e-7), the same order as f32 rounding, so results match PyTorch to ~1e-7.
 pub fn gelu_erf_inplace(values: &mut [f32]) {
-    in_parallel(values, |values| {
-        #[cfg(target_arch = "x86_64")]
-        if super::features().avx512 {
-            // SAFETY: AVX-512F detected.
-            unsafe { x86::gelu_erf(values) };
-            return;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if super::features().avx2 {
-            // SAFETY: AVX2 and FMA detected.
-            unsafe { x86::avx2::gelu_erf(values) };
-            return;
-        }
-        for v in values.iter_mut() {
-            *v = gelu_erf_scalar(*v);
-        }
-    })
+    in_parallel(values, gelu_erf_serial)
+}
+
+/// [`gelu_erf_inplace`] on the calling thread.
+pub(crate) fn gelu_erf_serial(values: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::features().avx512 {
+        // SAFETY: AVX-512F detected.
+        unsafe { x86::gelu_erf(values) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::features().avx2 {
+        // SAFETY: AVX2 and FMA detected.
+        unsafe { x86::avx2::gelu_erf(values) };
+        return;
+    }
+    for v in values.iter_mut() {
+        *v = gelu_erf_scalar(*v);
+    }
+}
+
+/// Exact GELU's backward pass on the calling thread: `x ← dy · GELU'(x)`, where
+/// GELU'(x) = Φ(x) + x·φ(x) (φ the standard normal density).
+pub(crate) fn gelu_erf_backward_serial(x: &mut [f32], dy: &[f32]) {
+    assert_eq!(
+        x.len(),
+        dy.len(),
+        "GELU input and gradient differ in length"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if super::features().avx512 {
+        // SAFETY: AVX-512F detected; the lengths are equal.
+        unsafe { x86::gelu_erf_backward(x, dy) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if super::features().avx2 {
+        // SAFETY: AVX2 and FMA detected; the lengths are equal.
+        unsafe { x86::avx2::gelu_erf_backward(x, dy) };
+        return;
+    }
+    for (v, g) in x.iter_mut().zip(dy) {
+        *v = g * gelu_erf_derivative_scalar(*v);
+    }
 }
 
 /// `f` over contiguous pieces of `values` on the kernel pool (a batch's feed-forward
@@ -156,20 +184,33 @@ const A: [f32; 5] = [
     1.061_405_4,
 ];
 
-fn gelu_erf_scalar(x: f32) -> f32 {
+/// 1 / √(2π): the standard normal density at 0.
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+/// erf(x / √2) and e^(−x²/2), which the approximation computes on the way.
+fn erf_parts_scalar(x: f32) -> (f32, f32) {
     let z = (x * std::f32::consts::FRAC_1_SQRT_2).abs();
     let t = 1.0 / (1.0 + P * z);
     let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
-    let erf_abs = 1.0 - poly * (-z * z).exp();
-    let erf = if x < 0.0 { -erf_abs } else { erf_abs };
-    0.5 * x * (1.0 + erf)
+    let gauss = (-z * z).exp();
+    let erf_abs = 1.0 - poly * gauss;
+    (if x < 0.0 { -erf_abs } else { erf_abs }, gauss)
+}
+
+fn gelu_erf_scalar(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf_parts_scalar(x).0)
+}
+
+fn gelu_erf_derivative_scalar(x: f32) -> f32 {
+    let (erf, gauss) = erf_parts_scalar(x);
+    0.5 * (1.0 + erf) + x * gauss * INV_SQRT_2PI
 }
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{A, CUBIC, P, SQRT_2_OVER_PI};
+    use super::{A, CUBIC, INV_SQRT_2PI, P, SQRT_2_OVER_PI};
 
     /// e^y, y clamped to [-87, 88]: 2^n · e^r with |r| ≤ ln2/2, degree-6 Taylor.
     #[inline(always)]
@@ -212,6 +253,28 @@ pub(super) mod x86 {
         }
     }
 
+    /// `values ← f(values, other)` 16 lanes at a time, the tail through a mask; `other` is
+    /// as long as `values`.
+    #[inline(always)]
+    unsafe fn zip_map16(values: &mut [f32], other: &[f32], f: impl Fn(__m512, __m512) -> __m512) {
+        let n = values.len();
+        let (v, o) = (values.as_mut_ptr(), other.as_ptr());
+        let mut i = 0;
+        while i < n {
+            let mask = if n - i >= 16 {
+                u16::MAX
+            } else {
+                ((1u32 << (n - i)) - 1) as u16
+            };
+            unsafe {
+                let x = _mm512_maskz_loadu_ps(mask, v.add(i));
+                let y = f(x, _mm512_maskz_loadu_ps(mask, o.add(i)));
+                _mm512_mask_storeu_ps(v.add(i), mask, y);
+            }
+            i += 16;
+        }
+    }
+
     #[target_feature(enable = "avx512f,fma")]
     pub(super) unsafe fn exp_shifted(values: &mut [f32], max: f32) {
         unsafe {
@@ -228,30 +291,29 @@ pub(super) mod x86 {
             let e = exp_clamped(_mm512_sub_ps(_mm512_setzero_ps(), x));
             _mm512_div_ps(x, _mm512_add_ps(one, e))
         };
-        let Some(up) = up else {
-            return unsafe { map16(gate, silu) };
-        };
-        let n = gate.len();
-        let (g, u) = (gate.as_mut_ptr(), up.as_ptr());
-        let mut i = 0;
-        while i < n {
-            let mask = if n - i >= 16 {
-                u16::MAX
-            } else {
-                ((1u32 << (n - i)) - 1) as u16
-            };
-            unsafe {
-                let x = _mm512_maskz_loadu_ps(mask, g.add(i));
-                let y = _mm512_mul_ps(silu(x), _mm512_maskz_loadu_ps(mask, u.add(i)));
-                _mm512_mask_storeu_ps(g.add(i), mask, y);
-            }
-            i += 16;
+        match up {
+            None => unsafe { map16(gate, silu) },
+            Some(up) => unsafe { zip_map16(gate, up, |x, u| _mm512_mul_ps(silu(x), u)) },
         }
     }
 
     #[target_feature(enable = "avx512f,fma")]
     pub(super) unsafe fn gelu_erf(values: &mut [f32]) {
         unsafe { map16(values, |x| gelu_erf16(x)) }
+    }
+
+    /// `x ← dy · (Φ(x) + x·φ(x))`; `dy` as long as `x`.
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn gelu_erf_backward(x: &mut [f32], dy: &[f32]) {
+        unsafe {
+            zip_map16(x, dy, |x, dy| {
+                let (erf, gauss) = erf_parts16(x);
+                let half = _mm512_set1_ps(0.5);
+                let cdf = _mm512_fmadd_ps(half, erf, half);
+                let density = _mm512_mul_ps(gauss, _mm512_set1_ps(INV_SQRT_2PI));
+                _mm512_mul_ps(dy, _mm512_fmadd_ps(x, density, cdf))
+            })
+        }
     }
 
     #[target_feature(enable = "avx512f,fma")]
@@ -273,8 +335,9 @@ pub(super) mod x86 {
         }
     }
 
+    /// erf(x / √2) and e^(−x²/2), as `erf_parts_scalar`.
     #[inline(always)]
-    unsafe fn gelu_erf16(x: __m512) -> __m512 {
+    unsafe fn erf_parts16(x: __m512) -> (__m512, __m512) {
         unsafe {
             let one = _mm512_set1_ps(1.0);
             let z = _mm512_abs_ps(_mm512_mul_ps(
@@ -287,14 +350,22 @@ pub(super) mod x86 {
                 poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(c));
             }
             poly = _mm512_mul_ps(poly, t);
-            let e = exp_clamped(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(z, z)));
-            let erf_abs = _mm512_fnmadd_ps(poly, e, one);
+            let gauss = exp_clamped(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(z, z)));
+            let erf_abs = _mm512_fnmadd_ps(poly, gauss, one);
             // Give erf the sign of x.
             let sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(i32::MIN));
             let erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(erf_abs), sign));
+            (erf, gauss)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn gelu_erf16(x: __m512) -> __m512 {
+        unsafe {
+            let erf = erf_parts16(x).0;
             _mm512_mul_ps(
                 _mm512_mul_ps(_mm512_set1_ps(0.5), x),
-                _mm512_add_ps(one, erf),
+                _mm512_add_ps(_mm512_set1_ps(1.0), erf),
             )
         }
     }
@@ -303,7 +374,7 @@ pub(super) mod x86 {
     pub(crate) mod avx2 {
         use std::arch::x86_64::*;
 
-        use super::super::{A, CUBIC, P, SQRT_2_OVER_PI};
+        use super::super::{A, CUBIC, INV_SQRT_2PI, P, SQRT_2_OVER_PI};
 
         /// e^y, y clamped to [-87, 88], as the AVX-512 `exp_clamped`; 2^n is built in the
         /// exponent bits (AVX2 has no `scalef`).
@@ -357,6 +428,28 @@ pub(super) mod x86 {
             }
         }
 
+        /// `values ← f(values, other)` 8 lanes at a time, the tail through a mask; `other` is
+        /// as long as `values`.
+        #[inline(always)]
+        unsafe fn zip_map8(
+            values: &mut [f32],
+            other: &[f32],
+            f: impl Fn(__m256, __m256) -> __m256,
+        ) {
+            let n = values.len();
+            let (v, o) = (values.as_mut_ptr(), other.as_ptr());
+            let mut i = 0;
+            while i < n {
+                unsafe {
+                    let mask = mask8(n - i);
+                    let x = _mm256_maskload_ps(v.add(i), mask);
+                    let y = f(x, _mm256_maskload_ps(o.add(i), mask));
+                    _mm256_maskstore_ps(v.add(i), mask, y);
+                }
+                i += 8;
+            }
+        }
+
         /// `v ← e^(v − max)`; returns the sum.
         #[target_feature(enable = "avx2,fma")]
         pub(crate) unsafe fn exp_shifted(values: &mut [f32], max: f32) -> f32 {
@@ -382,20 +475,9 @@ pub(super) mod x86 {
                 let e = exp_clamped(_mm256_sub_ps(_mm256_setzero_ps(), x));
                 _mm256_div_ps(x, _mm256_add_ps(one, e))
             };
-            let Some(up) = up else {
-                return unsafe { map8(gate, silu) };
-            };
-            let n = gate.len();
-            let (g, u) = (gate.as_mut_ptr(), up.as_ptr());
-            let mut i = 0;
-            while i < n {
-                unsafe {
-                    let mask = mask8(n - i);
-                    let x = _mm256_maskload_ps(g.add(i), mask);
-                    let y = _mm256_mul_ps(silu(x), _mm256_maskload_ps(u.add(i), mask));
-                    _mm256_maskstore_ps(g.add(i), mask, y);
-                }
-                i += 8;
+            match up {
+                None => unsafe { map8(gate, silu) },
+                Some(up) => unsafe { zip_map8(gate, up, |x, u| _mm256_mul_ps(silu(x), u)) },
             }
         }
 
@@ -414,27 +496,49 @@ pub(super) mod x86 {
             }
         }
 
+        /// erf(x / √2) and e^(−x²/2), as `erf_parts_scalar`.
+        #[inline(always)]
+        unsafe fn erf_parts8(x: __m256) -> (__m256, __m256) {
+            unsafe {
+                let one = _mm256_set1_ps(1.0);
+                let sign_bit = _mm256_set1_ps(-0.0);
+                let scaled = _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
+                let z = _mm256_andnot_ps(sign_bit, scaled);
+                let t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(P), z, one));
+                let mut poly = _mm256_set1_ps(A[4]);
+                for c in [A[3], A[2], A[1], A[0]] {
+                    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(c));
+                }
+                poly = _mm256_mul_ps(poly, t);
+                let gauss = exp_clamped(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(z, z)));
+                let erf_abs = _mm256_fnmadd_ps(poly, gauss, one);
+                (_mm256_or_ps(erf_abs, _mm256_and_ps(x, sign_bit)), gauss)
+            }
+        }
+
         #[target_feature(enable = "avx2,fma")]
         pub(crate) unsafe fn gelu_erf(values: &mut [f32]) {
             unsafe {
                 map8(values, |x| {
-                    let one = _mm256_set1_ps(1.0);
-                    let sign_bit = _mm256_set1_ps(-0.0);
-                    let scaled = _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
-                    let z = _mm256_andnot_ps(sign_bit, scaled);
-                    let t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(P), z, one));
-                    let mut poly = _mm256_set1_ps(A[4]);
-                    for c in [A[3], A[2], A[1], A[0]] {
-                        poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(c));
-                    }
-                    poly = _mm256_mul_ps(poly, t);
-                    let e = exp_clamped(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(z, z)));
-                    let erf_abs = _mm256_fnmadd_ps(poly, e, one);
-                    let erf = _mm256_or_ps(erf_abs, _mm256_and_ps(x, sign_bit));
+                    let erf = erf_parts8(x).0;
                     _mm256_mul_ps(
                         _mm256_mul_ps(_mm256_set1_ps(0.5), x),
-                        _mm256_add_ps(one, erf),
+                        _mm256_add_ps(_mm256_set1_ps(1.0), erf),
                     )
+                })
+            }
+        }
+
+        /// `x ← dy · (Φ(x) + x·φ(x))`; `dy` as long as `x`.
+        #[target_feature(enable = "avx2,fma")]
+        pub(crate) unsafe fn gelu_erf_backward(x: &mut [f32], dy: &[f32]) {
+            unsafe {
+                zip_map8(x, dy, |x, dy| {
+                    let (erf, gauss) = erf_parts8(x);
+                    let half = _mm256_set1_ps(0.5);
+                    let cdf = _mm256_fmadd_ps(half, erf, half);
+                    let density = _mm256_mul_ps(gauss, _mm256_set1_ps(INV_SQRT_2PI));
+                    _mm256_mul_ps(dy, _mm256_fmadd_ps(x, density, cdf))
                 })
             }
         }
@@ -485,6 +589,31 @@ mod tests {
                 "gelu({x}) = {g}, want {want}"
             );
             assert!((gelu_erf_scalar(*x) as f64 - want).abs() < 2e-6 * (1.0 + want.abs()));
+        }
+    }
+
+    #[test]
+    fn gelu_backward_matches_the_derivative() {
+        let xs: Vec<f32> = (-900..=900)
+            .map(|i| i as f32 * 0.01)
+            .chain([-40.0, 40.0, 0.0])
+            .collect();
+        let dy: Vec<f32> = (0..xs.len()).map(|i| (i % 5) as f32 - 1.5).collect();
+        let mut got = xs.clone();
+        gelu_erf_backward_serial(&mut got, &dy);
+        for (i, x) in xs.iter().enumerate() {
+            let x64 = *x as f64;
+            let cdf = 0.5 * (1.0 + erf64(x64 / 2f64.sqrt()));
+            let density = (-x64 * x64 / 2.0).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            let want = dy[i] as f64 * (cdf + x64 * density);
+            assert!(
+                (got[i] as f64 - want).abs() < 3e-6 * (1.0 + want.abs()),
+                "GELU'({x}) · {}: {} vs {want}",
+                dy[i],
+                got[i]
+            );
+            let scalar = dy[i] * gelu_erf_derivative_scalar(*x);
+            assert!((scalar as f64 - want).abs() < 3e-6 * (1.0 + want.abs()));
         }
     }
 

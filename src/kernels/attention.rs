@@ -99,13 +99,17 @@ impl Head<'_> {
 
     /// The real keys as head_dim rows of `stride` ≥ len positions (zeros past len).
     fn keys_transposed(&self, stride: usize) -> Vec<f32> {
-        let mut keys_t = vec![0f32; self.head_dim * stride];
+        self.transposed(1, stride)
+    }
+
+    fn transposed(&self, which: usize, stride: usize) -> Vec<f32> {
+        let mut rows_t = vec![0f32; self.head_dim * stride];
         for j in 0..self.len {
-            for (d, k) in self.part(j, 1).iter().enumerate() {
-                keys_t[d * stride + j] = *k;
+            for (d, v) in self.part(j, which).iter().enumerate() {
+                rows_t[d * stride + j] = *v;
             }
         }
-        keys_t
+        rows_t
     }
 }
 
@@ -426,6 +430,322 @@ mod x86 {
     }
 }
 
+/// The largest head the training kernels take (their row sums live on the stack).
+pub const MAX_TRAINING_HEAD_DIM: usize = 256;
+
+/// A batch of fused projections: `batch` sequences of `t` rows of [q | k | v], each part
+/// `heads × head_dim` wide.
+#[derive(Clone, Copy, Debug)]
+pub struct QkvShape {
+    pub batch: usize,
+    pub t: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+impl QkvShape {
+    fn hidden(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// Floats of the per-head probability matrices: batch × heads × t × t.
+    pub fn probs_len(&self) -> usize {
+        self.batch * self.heads * self.t * self.t
+    }
+
+    /// Panics unless the buffers of a training pass fit this shape: `probs` and `rows` (the
+    /// output or its gradient, batch·t × hidden) are lengths.
+    fn check(
+        &self,
+        qkv: &[f32],
+        lengths: &[usize],
+        dropout: Option<&[f32]>,
+        probs: usize,
+        rows: usize,
+    ) {
+        let hidden = self.hidden();
+        assert_eq!(qkv.len(), self.batch * self.t * 3 * hidden, "qkv shape");
+        assert_eq!(probs, self.probs_len(), "probs shape");
+        assert_eq!(rows, self.batch * self.t * hidden, "output rows shape");
+        assert_eq!(lengths.len(), self.batch, "one length per sequence");
+        assert!(
+            self.head_dim <= MAX_TRAINING_HEAD_DIM,
+            "head_dim over {MAX_TRAINING_HEAD_DIM}"
+        );
+        if let Some(mask) = dropout {
+            assert_eq!(mask.len(), self.probs_len(), "dropout mask shape");
+        }
+    }
+
+    /// Head `task` (sequence-major) of `qkv`, and where its t × t probabilities start.
+    fn head<'a>(&self, qkv: &'a [f32], lengths: &[usize], task: usize) -> (usize, Head<'a>, usize) {
+        let (b, h) = (task / self.heads, task % self.heads);
+        let row = 3 * self.hidden();
+        let head = Head {
+            qkv: &qkv[b * self.t * row..(b + 1) * self.t * row],
+            row,
+            hidden: self.hidden(),
+            offset: h * self.head_dim,
+            head_dim: self.head_dim,
+            len: lengths[b].min(self.t),
+            scale: 1.0 / (self.head_dim as f32).sqrt(),
+        };
+        (b, head, task * self.t * self.t)
+    }
+}
+
+/// Training's [`bidirectional_attention`] (same layout, zeros on padding rows), keeping each
+/// head's probabilities in `probs` ([`QkvShape::probs_len`] floats; row i of a head starts at
+/// i·t and holds its `len` keys' probabilities) for [`bidirectional_attention_backward`].
+/// `dropout` (the same shape, entries 0 or 1/(1−p)), where given, scales the probabilities
+/// before the values are summed. Parallel on rayon's pool.
+pub fn bidirectional_attention_train(
+    qkv: &[f32],
+    shape: QkvShape,
+    lengths: &[usize],
+    dropout: Option<&[f32]>,
+    probs: &mut [f32],
+    out: &mut [f32],
+) {
+    shape.check(qkv, lengths, dropout, probs.len(), out.len());
+    let (t, hidden, hd) = (shape.t, shape.hidden(), shape.head_dim);
+    let probs_ptr = super::SendPtr(probs.as_mut_ptr());
+    let out_ptr = super::SendPtr(out.as_mut_ptr());
+    super::parallel_tasks(shape.batch * shape.heads, |task| {
+        let (b, head, at) = shape.head(qkv, lengths, task);
+        // SAFETY: this head's probabilities are written by this task alone; probs outlives
+        // the call.
+        let probs = unsafe { std::slice::from_raw_parts_mut(probs_ptr.get().add(at), t * t) };
+        let mut head_out = vec![0f32; t * hd];
+        let mask = dropout.map(|m| &m[at..at + t * t]);
+        attend_head_train(head, t, mask, probs, &mut head_out);
+        for (i, row) in head_out.chunks_exact(hd).enumerate() {
+            // SAFETY: this head's columns of the sequence's rows: this task's alone.
+            let dst = unsafe {
+                let at = (b * t + i) * hidden + head.offset;
+                std::slice::from_raw_parts_mut(out_ptr.get().add(at), hd)
+            };
+            dst.copy_from_slice(row);
+        }
+    });
+}
+
+with_avx2! {
+    /// One head of [`bidirectional_attention_train`]: `out` (t × head_dim) zeroed.
+    fn attend_head_train(head: Head<'_>, t: usize, mask: Option<&[f32]>, probs: &mut [f32], out: &mut [f32]) = attend_head_train_portable
+}
+
+#[inline(always)]
+fn attend_head_train_portable(
+    head: Head<'_>,
+    t: usize,
+    mask: Option<&[f32]>,
+    probs: &mut [f32],
+    out: &mut [f32],
+) {
+    // The common head sizes with their loops unrolled and row sums held in registers.
+    match head.head_dim {
+        32 => attend_head_fixed::<32>(head, t, mask, probs, out),
+        64 => attend_head_fixed::<64>(head, t, mask, probs, out),
+        _ => attend_head_fixed::<MAX_TRAINING_HEAD_DIM>(head, t, mask, probs, out),
+    }
+}
+
+/// The head size of the `*_fixed` kernels: `N`, their row sums' length, or the head's own
+/// (known at run time only) when `N` is the maximum.
+#[inline(always)]
+fn fixed_head_dim<const N: usize>(head: &Head<'_>) -> usize {
+    if N == MAX_TRAINING_HEAD_DIM {
+        head.head_dim
+    } else {
+        N
+    }
+}
+
+/// The head of [`attend_head_train`], `N` as in [`fixed_head_dim`].
+#[inline(always)]
+fn attend_head_fixed<const N: usize>(
+    head: Head<'_>,
+    t: usize,
+    mask: Option<&[f32]>,
+    probs: &mut [f32],
+    out: &mut [f32],
+) {
+    let (len, hd) = (head.len, fixed_head_dim::<N>(&head));
+    let stride = len.next_multiple_of(8);
+    let keys_t = head.transposed(1, stride);
+    for i in 0..len {
+        let p = &mut probs[i * t..i * t + len];
+        times_transposed(&head.part(i, 0)[..hd], head.scale, &keys_t, stride, p);
+        let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let inverse = 1.0 / super::activation::exp_shifted_inplace(p, max);
+        p.iter_mut().for_each(|v| *v *= inverse);
+        let mut acc = [0f32; N];
+        for (j, &pj) in p.iter().enumerate() {
+            let weight = mask.map_or(pj, |m| pj * m[i * t + j]);
+            let v = &head.part(j, 2)[..hd];
+            for d in 0..hd {
+                acc[d] = weight.mul_add(v[d], acc[d]);
+            }
+        }
+        out[i * hd..(i + 1) * hd].copy_from_slice(&acc[..hd]);
+    }
+}
+
+/// `out[j] = Σ_d (row[d]·scale)·rows_t[d][j]` for the `out.len()` columns of `rows_t`
+/// (row-major, `stride` ≥ out.len() a multiple of 8, zero-padded): 32 columns at a time in four
+/// independent 8-lane sums (one sum alone would wait on each FMA's latency), then 8 at a time.
+#[inline(always)]
+fn times_transposed(row: &[f32], scale: f32, rows_t: &[f32], stride: usize, out: &mut [f32]) {
+    let mut j0 = 0;
+    while j0 + 32 <= out.len() {
+        columns_times::<32>(row, scale, rows_t, stride, j0, out);
+        j0 += 32;
+    }
+    while j0 < out.len() {
+        columns_times::<8>(row, scale, rows_t, stride, j0, out);
+        j0 += 8;
+    }
+}
+
+/// Columns `j0..j0 + W` of [`times_transposed`] (those before `out.len()` stored).
+#[inline(always)]
+fn columns_times<const W: usize>(
+    row: &[f32],
+    scale: f32,
+    rows_t: &[f32],
+    stride: usize,
+    j0: usize,
+    out: &mut [f32],
+) {
+    let mut acc = [0f32; W];
+    for (d, x) in row.iter().enumerate() {
+        let x = x * scale;
+        let column = &rows_t[d * stride + j0..d * stride + j0 + W];
+        for l in 0..W {
+            acc[l] = x.mul_add(column[l], acc[l]);
+        }
+    }
+    let n = (out.len() - j0).min(W);
+    out[j0..j0 + n].copy_from_slice(&acc[..n]);
+}
+
+/// The gradient of [`bidirectional_attention_train`] with respect to `qkv`, given the output's
+/// gradient `dout` and the forward pass's `probs` and `dropout`: writes all of `dqkv` (zeros on
+/// padding rows). Per head, with A = P ⊙ mask: dV = Aᵀ·dO, dP = (dO·Vᵀ) ⊙ mask,
+/// dS = P ⊙ (dP − rowsum(dP ⊙ P)), dQ = dS·K·scale, dK = dSᵀ·Q·scale.
+pub fn bidirectional_attention_backward(
+    qkv: &[f32],
+    shape: QkvShape,
+    lengths: &[usize],
+    dropout: Option<&[f32]>,
+    probs: &[f32],
+    dout: &[f32],
+    dqkv: &mut [f32],
+) {
+    shape.check(qkv, lengths, dropout, probs.len(), dout.len());
+    assert_eq!(dqkv.len(), qkv.len(), "dqkv shape");
+    let (t, hidden, hd) = (shape.t, shape.hidden(), shape.head_dim);
+    let grad_ptr = super::SendPtr(dqkv.as_mut_ptr());
+    super::parallel_tasks(shape.batch * shape.heads, |task| {
+        let (b, head, at) = shape.head(qkv, lengths, task);
+        let mask = dropout.map(|m| &m[at..at + t * t]);
+        let dout = &dout[b * t * hidden..(b + 1) * t * hidden];
+        // [dq | dk | dv] of this head, t × head_dim each.
+        let mut grads = vec![0f32; 3 * t * hd];
+        backward_head(head, t, mask, &probs[at..at + t * t], dout, &mut grads);
+        for (part, rows) in grads.chunks_exact(t * hd).enumerate() {
+            for (i, row) in rows.chunks_exact(hd).enumerate() {
+                // SAFETY: this head's columns of the sequence's rows: this task's alone.
+                let dst = unsafe {
+                    let at = (b * t + i) * 3 * hidden + part * hidden + head.offset;
+                    std::slice::from_raw_parts_mut(grad_ptr.get().add(at), hd)
+                };
+                dst.copy_from_slice(row);
+            }
+        }
+    });
+}
+
+with_avx2! {
+    /// One head of [`bidirectional_attention_backward`]: `dout` is the sequence's output
+    /// gradient rows; `grads` ([dq | dk | dv], t × head_dim each) zeroed.
+    fn backward_head(head: Head<'_>, t: usize, mask: Option<&[f32]>, probs: &[f32], dout: &[f32], grads: &mut [f32]) = backward_head_portable
+}
+
+#[inline(always)]
+fn backward_head_portable(
+    head: Head<'_>,
+    t: usize,
+    mask: Option<&[f32]>,
+    probs: &[f32],
+    dout: &[f32],
+    grads: &mut [f32],
+) {
+    match head.head_dim {
+        32 => backward_head_fixed::<32>(head, t, mask, probs, dout, grads),
+        64 => backward_head_fixed::<64>(head, t, mask, probs, dout, grads),
+        _ => backward_head_fixed::<MAX_TRAINING_HEAD_DIM>(head, t, mask, probs, dout, grads),
+    }
+}
+
+/// The head of [`backward_head`], `N` as in [`fixed_head_dim`].
+#[inline(always)]
+fn backward_head_fixed<const N: usize>(
+    head: Head<'_>,
+    t: usize,
+    mask: Option<&[f32]>,
+    probs: &[f32],
+    dout: &[f32],
+    grads: &mut [f32],
+) {
+    let (len, hd) = (head.len, fixed_head_dim::<N>(&head));
+    let stride = len.next_multiple_of(8);
+    let values_t = head.transposed(2, stride);
+    let d_out = |i: usize| &dout[i * head.hidden + head.offset..][..hd];
+    let (dq_all, rest) = grads.split_at_mut(t * hd);
+    let (dk_all, dv_all) = rest.split_at_mut(t * hd);
+    // Row i of `scores`: dS·scale, from dP = (dO·Vᵀ) ⊙ mask and dS = P ⊙ (dP − Σ dP ⊙ P).
+    let mut scores = vec![0f32; len * len];
+    for i in 0..len {
+        let p = &probs[i * t..i * t + len];
+        let ds = &mut scores[i * len..(i + 1) * len];
+        times_transposed(d_out(i), 1.0, &values_t, stride, ds);
+        if let Some(m) = mask {
+            ds.iter_mut().zip(&m[i * t..]).for_each(|(s, m)| *s *= m);
+        }
+        let centre = dot(ds, p);
+        ds.iter_mut()
+            .zip(p)
+            .for_each(|(s, p)| *s = p * (*s - centre) * head.scale);
+        // dQ_i = Σ_j dS_ij·scale·K_j
+        let mut acc = [0f32; N];
+        for (j, s) in ds.iter().enumerate() {
+            let k = &head.part(j, 1)[..hd];
+            for d in 0..hd {
+                acc[d] = s.mul_add(k[d], acc[d]);
+            }
+        }
+        dq_all[i * hd..(i + 1) * hd].copy_from_slice(&acc[..hd]);
+    }
+    // dK_j = Σ_i dS_ij·scale·Q_i and dV_j = Σ_i A_ij·dO_i, each row summed in registers.
+    for j in 0..len {
+        let (mut acc_k, mut acc_v) = ([0f32; N], [0f32; N]);
+        for i in 0..len {
+            let s = scores[i * len + j];
+            let pij = probs[i * t + j];
+            let weight = mask.map_or(pij, |m| pij * m[i * t + j]);
+            let (q, g) = (&head.part(i, 0)[..hd], d_out(i));
+            for d in 0..hd {
+                acc_k[d] = s.mul_add(q[d], acc_k[d]);
+                acc_v[d] = weight.mul_add(g[d], acc_v[d]);
+            }
+        }
+        dk_all[j * hd..(j + 1) * hd].copy_from_slice(&acc_k[..hd]);
+        dv_all[j * hd..(j + 1) * hd].copy_from_slice(&acc_v[..hd]);
+    }
+}
+
 /// Dot product in 8 independent lanes, so the compiler can keep it in vector registers.
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -518,6 +838,71 @@ mod tests {
             (1, 19, 1, 128, vec![19]),
         ] {
             check_against_naive(batch, t, heads, hd, &lengths);
+        }
+    }
+
+    #[test]
+    fn training_attention_matches_inference_and_finite_differences() {
+        // head_dim 4: the loops at run time; 32: unrolled, sums in registers.
+        for head_dim in [4, 32] {
+            check_training_attention(QkvShape {
+                batch: 2,
+                t: 7,
+                heads: 2,
+                head_dim,
+            });
+        }
+    }
+
+    fn check_training_attention(shape: QkvShape) {
+        let lengths = [7, 4];
+        let hidden = shape.heads * shape.head_dim;
+        let n = shape.batch * shape.t * 3 * hidden;
+        let qkv: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
+            .collect();
+        let dout: Vec<f32> = (0..n / 3)
+            .map(|i| ((i * 13 % 29) as f32 - 14.0) / 10.0)
+            .collect();
+        let mask: Vec<f32> = (0..shape.probs_len())
+            .map(|i| if i % 5 == 0 { 0.0 } else { 1.25 })
+            .collect();
+        let forward = |qkv: &[f32], mask: Option<&[f32]>| {
+            let mut probs = vec![0f32; shape.probs_len()];
+            let mut out = vec![f32::NAN; n / 3];
+            bidirectional_attention_train(qkv, shape, &lengths, mask, &mut probs, &mut out);
+            (probs, out)
+        };
+        let mut inference = vec![0f32; n / 3];
+        bidirectional_attention(&qkv, 2, 7, 2, shape.head_dim, &lengths, &mut inference);
+        let (_, out) = forward(&qkv, None);
+        for (a, b) in out.iter().zip(&inference) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+        for mask in [None, Some(&mask[..])] {
+            let (probs, _) = forward(&qkv, mask);
+            let mut grad = vec![f32::NAN; n];
+            bidirectional_attention_backward(&qkv, shape, &lengths, mask, &probs, &dout, &mut grad);
+            // loss = Σ dout · out
+            let loss = |qkv: &[f32]| -> f64 {
+                let (_, out) = forward(qkv, mask);
+                out.iter()
+                    .zip(&dout)
+                    .map(|(o, d)| *o as f64 * *d as f64)
+                    .sum()
+            };
+            for i in (0..n).step_by(5) {
+                let (mut plus, mut minus) = (qkv.clone(), qkv.clone());
+                plus[i] += 1e-2;
+                minus[i] -= 1e-2;
+                let want = (loss(&plus) - loss(&minus)) / 2e-2;
+                assert!(
+                    (grad[i] as f64 - want).abs() < 2e-3,
+                    "dqkv[{i}] {} vs {want} (mask {})",
+                    grad[i],
+                    mask.is_some()
+                );
+            }
         }
     }
 

@@ -44,6 +44,28 @@
 
 #![allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 
+/// `fn $name(args) -> R` running `$portable(args)` compiled for AVX2 + FMA where the CPU has
+/// them: `$portable` is `#[inline(always)]` plain Rust whose loops then vectorise 8 wide.
+macro_rules! with_avx2 {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? = $portable:ident) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    $portable($($arg),*)
+                }
+                if $crate::kernels::features().avx2 {
+                    // SAFETY: AVX2 and FMA detected.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $portable($($arg),*)
+        }
+    };
+}
+
 pub mod activation;
 #[cfg(target_arch = "x86_64")]
 mod amx;
@@ -478,6 +500,99 @@ impl SendPtr {
     #[inline(always)]
     pub(crate) fn get(self) -> *mut f32 {
         self.0
+    }
+}
+
+/// `f(start, end, partial)` over chunks of `chunk` items covering `0..n`, in parallel (see
+/// [`parallel_tasks`]), each adding its items' contribution into its own zeroed `partial` of
+/// `width` floats; returns the partials summed in chunk order. The chunks depend on `n` alone,
+/// so the sums come out the same on any number of threads.
+pub(crate) fn chunked_sums(
+    n: usize,
+    chunk: usize,
+    width: usize,
+    f: impl Fn(usize, usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let chunks = n.div_ceil(chunk.max(1));
+    let mut partials = vec![0f32; chunks * width];
+    let base = SendPtr(partials.as_mut_ptr());
+    parallel_tasks(chunks, |c| {
+        // SAFETY: chunk c alone writes partial c; `partials` outlives the call.
+        let partial = unsafe { std::slice::from_raw_parts_mut(base.get().add(c * width), width) };
+        f(c * chunk, ((c + 1) * chunk).min(n), partial);
+    });
+    let mut sums = vec![0f32; width];
+    for partial in partials.chunks_exact(width) {
+        sums.iter_mut().zip(partial).for_each(|(s, p)| *s += p);
+    }
+    sums
+}
+
+/// `f(start, end, rows)` over chunks of `chunk` rows of `width` floats covering `out`, in
+/// parallel (see [`parallel_tasks`]), `rows` being that chunk's rows of `out`.
+pub(crate) fn parallel_rows(
+    out: &mut [f32],
+    width: usize,
+    chunk: usize,
+    f: impl Fn(usize, usize, &mut [f32]) + Sync,
+) {
+    let n = out.len() / width.max(1);
+    let base = SendPtr(out.as_mut_ptr());
+    parallel_tasks(n.div_ceil(chunk.max(1)), |c| {
+        let (start, end) = (c * chunk, ((c + 1) * chunk).min(n));
+        // SAFETY: rows start..end of `out` belong to this task; `out` outlives the call.
+        let rows = unsafe {
+            std::slice::from_raw_parts_mut(base.get().add(start * width), (end - start) * width)
+        };
+        f(start, end, rows);
+    });
+}
+
+/// Column sums of a row-major matrix of `width` columns (a bias's gradient), in parallel.
+pub fn column_sums(values: &[f32], width: usize) -> Vec<f32> {
+    assert!(
+        width > 0 && values.len().is_multiple_of(width),
+        "rows of `width` columns"
+    );
+    let rows = values.len() / width;
+    chunked_sums(rows, 64, width, |r0, r1, sums| {
+        add_rows(&values[r0 * width..r1 * width], sums)
+    })
+}
+
+/// `values ← values + bias` on every row of `bias.len()` columns, in parallel.
+pub fn add_bias(values: &mut [f32], bias: &[f32]) {
+    let width = bias.len();
+    assert!(
+        width > 0 && values.len().is_multiple_of(width),
+        "rows of the bias's width"
+    );
+    parallel_rows(values, width, (16_384 / width).max(1), |_, _, rows| {
+        add_to_rows(rows, bias)
+    });
+}
+
+with_avx2! {
+    /// `sums ← sums + Σ rows` over the rows (of `sums.len()`) of `rows`.
+    fn add_rows(rows: &[f32], sums: &mut [f32]) = add_rows_portable
+}
+
+#[inline(always)]
+fn add_rows_portable(rows: &[f32], sums: &mut [f32]) {
+    for row in rows.chunks_exact(sums.len()) {
+        sums.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+    }
+}
+
+with_avx2! {
+    /// `rows ← rows + row` for every row (of `row.len()`) of `rows`.
+    fn add_to_rows(rows: &mut [f32], row: &[f32]) = add_to_rows_portable
+}
+
+#[inline(always)]
+fn add_to_rows_portable(rows: &mut [f32], row: &[f32]) {
+    for r in rows.chunks_exact_mut(row.len()) {
+        r.iter_mut().zip(row).for_each(|(v, b)| *v += b);
     }
 }
 

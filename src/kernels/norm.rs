@@ -60,23 +60,25 @@ fn rows_portable(x: &mut [f32], residual: &[f32], gamma: &[f32], beta: &[f32], e
 
 #[inline(always)]
 fn add_norm_row(x: &mut [f32], residual: &[f32], gamma: &[f32], beta: &[f32], eps: f32) {
+    x.iter_mut().zip(residual).for_each(|(v, r)| *v += r);
+    let (mean, inverse) = row_statistics(x, eps);
+    for ((v, g), b) in x.iter_mut().zip(gamma).zip(beta) {
+        *v = (*v - mean) * inverse * g + b;
+    }
+}
+
+/// A row's mean and 1 / √(variance + eps).
+#[inline(always)]
+fn row_statistics(x: &[f32], eps: f32) -> (f32, f32) {
     let h = x.len();
     let whole = h / LANES * LANES;
     let mut lanes = [0f32; LANES];
-    for (xc, rc) in x[..whole]
-        .chunks_exact_mut(LANES)
-        .zip(residual[..whole].chunks_exact(LANES))
-    {
+    for xc in x[..whole].chunks_exact(LANES) {
         for i in 0..LANES {
-            xc[i] += rc[i];
             lanes[i] += xc[i];
         }
     }
-    let mut sum: f32 = lanes.iter().sum();
-    for (v, r) in x[whole..].iter_mut().zip(&residual[whole..]) {
-        *v += r;
-        sum += *v;
-    }
+    let sum: f32 = lanes.iter().sum::<f32>() + x[whole..].iter().sum::<f32>();
     let mean = sum / h as f32;
 
     let mut lanes = [0f32; LANES];
@@ -90,16 +92,185 @@ fn add_norm_row(x: &mut [f32], residual: &[f32], gamma: &[f32], beta: &[f32], ep
     for v in &x[whole..] {
         squares += (v - mean) * (v - mean);
     }
-    let inverse = 1.0 / (squares / h as f32 + eps).sqrt();
+    (mean, 1.0 / (squares / h as f32 + eps).sqrt())
+}
 
-    for ((v, g), b) in x.iter_mut().zip(gamma).zip(beta) {
-        *v = (*v - mean) * inverse * g + b;
+/// Rows of LayerNorm per parallel task in training (a few tens of KB of each tensor).
+const TRAINING_ROWS: usize = 32;
+
+/// Training's LayerNorm: `out` = LayerNorm of the rows of `x` (rows of `gamma.len()`), on
+/// rayon's pool, where candle's GEMMs between these kernels run too.
+pub fn layer_norm(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [f32]) {
+    let h = gamma.len();
+    assert!(
+        h > 0 && x.len().is_multiple_of(h),
+        "rows of the LayerNorm size"
+    );
+    assert_eq!((beta.len(), out.len()), (h, x.len()), "LayerNorm shapes");
+    super::parallel_rows(out, h, TRAINING_ROWS, |r0, r1, out| {
+        norm_rows(&x[r0 * h..r1 * h], gamma, beta, eps, out)
+    });
+}
+
+with_avx2! {
+    fn norm_rows(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [f32]) = norm_rows_portable
+}
+
+#[inline(always)]
+fn norm_rows_portable(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [f32]) {
+    let h = gamma.len();
+    for (row, y) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
+        let (mean, inverse) = row_statistics(row, eps);
+        for (((y, v), g), b) in y.iter_mut().zip(row).zip(gamma).zip(beta) {
+            *y = (v - mean) * inverse * g + b;
+        }
+    }
+}
+
+/// Gradients of [`layer_norm`] given the output's gradient `dy`: `dx` is written, and
+/// (dgamma, dbeta) returned. With x̂ = (x − mean)·r and g = dy·gamma, per row
+/// dx = r·(g − mean(g) − x̂·mean(g·x̂)); dgamma = Σ dy·x̂, dbeta = Σ dy over rows.
+pub fn layer_norm_backward(
+    x: &[f32],
+    gamma: &[f32],
+    eps: f32,
+    dy: &[f32],
+    dx: &mut [f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let h = gamma.len();
+    assert!(
+        h > 0 && x.len().is_multiple_of(h),
+        "rows of the LayerNorm size"
+    );
+    assert_eq!(
+        (dy.len(), dx.len()),
+        (x.len(), x.len()),
+        "LayerNorm gradient shapes"
+    );
+    let dxp = super::SendPtr(dx.as_mut_ptr());
+    let mut sums = super::chunked_sums(x.len() / h, TRAINING_ROWS, 2 * h, |r0, r1, partial| {
+        // SAFETY: rows r0..r1 of dx belong to this chunk; dx outlives the call.
+        let dx = unsafe { std::slice::from_raw_parts_mut(dxp.get().add(r0 * h), (r1 - r0) * h) };
+        let (x, dy) = (&x[r0 * h..r1 * h], &dy[r0 * h..r1 * h]);
+        backward_rows(x, gamma, eps, dy, dx, partial)
+    });
+    let dbeta = sums.split_off(h);
+    (sums, dbeta)
+}
+
+with_avx2! {
+    /// Rows of [`layer_norm_backward`]; `sums` = [dgamma | dbeta] to add to.
+    fn backward_rows(x: &[f32], gamma: &[f32], eps: f32, dy: &[f32], dx: &mut [f32], sums: &mut [f32]) = backward_rows_portable
+}
+
+#[inline(always)]
+fn backward_rows_portable(
+    x: &[f32],
+    gamma: &[f32],
+    eps: f32,
+    dy: &[f32],
+    dx: &mut [f32],
+    sums: &mut [f32],
+) {
+    let h = gamma.len();
+    let (dgamma, dbeta) = sums.split_at_mut(h);
+    let rows = x.chunks_exact(h).zip(dy.chunks_exact(h));
+    for ((x, dy), dx) in rows.zip(dx.chunks_exact_mut(h)) {
+        backward_row(x, gamma, eps, dy, dx, dgamma, dbeta);
+    }
+}
+
+#[inline(always)]
+fn backward_row(
+    x: &[f32],
+    gamma: &[f32],
+    eps: f32,
+    dy: &[f32],
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
+    let h = x.len();
+    let (mean, inverse) = row_statistics(x, eps);
+    // dx holds x̂ until the row's means are known; the sums in LANES lanes (then the tail).
+    let (mut g_lanes, mut gx_lanes) = ([0f32; LANES], [0f32; LANES]);
+    let mut step = |k: usize, lane: usize| {
+        let normed = (x[k] - mean) * inverse;
+        let g = dy[k] * gamma[k];
+        g_lanes[lane] += g;
+        gx_lanes[lane] += g * normed;
+        dgamma[k] += dy[k] * normed;
+        dbeta[k] += dy[k];
+        dx[k] = normed;
+    };
+    let whole = h / LANES * LANES;
+    for k0 in (0..whole).step_by(LANES) {
+        for lane in 0..LANES {
+            step(k0 + lane, lane);
+        }
+    }
+    for k in whole..h {
+        step(k, 0);
+    }
+    let mean_g = g_lanes.iter().sum::<f32>() / h as f32;
+    let mean_gx = gx_lanes.iter().sum::<f32>() / h as f32;
+    for k in 0..h {
+        dx[k] = inverse * (dy[k] * gamma[k] - mean_g - dx[k] * mean_gx);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn layer_norm_gradients_match_finite_differences() {
+        let (h, rows, eps) = (40, 5, 1e-5f32);
+        let value = |i: usize| ((i * 7919) % 97) as f32 / 97.0 - 0.5;
+        let x: Vec<f32> = (0..h * rows).map(|i| 3.0 * value(i) + 0.5).collect();
+        let gamma: Vec<f32> = (0..h).map(|i| 1.0 + value(i + 11)).collect();
+        let beta: Vec<f32> = (0..h).map(|i| value(i + 23)).collect();
+        let dy: Vec<f32> = (0..h * rows).map(|i| value(i + 31)).collect();
+        // loss = Σ dy · LayerNorm(x), in f64 for the differences.
+        let loss = |x: &[f32], gamma: &[f32], beta: &[f32]| -> f64 {
+            let mut out = vec![0f32; x.len()];
+            layer_norm(x, gamma, beta, eps, &mut out);
+            out.iter()
+                .zip(&dy)
+                .map(|(o, d)| *o as f64 * *d as f64)
+                .sum()
+        };
+        let mut dx = vec![0f32; x.len()];
+        let (dgamma, dbeta) = layer_norm_backward(&x, &gamma, eps, &dy, &mut dx);
+        let step = 1e-2f32;
+        let numeric = |f: &dyn Fn(f32) -> f64| (f(step) - f(-step)) / (2.0 * step as f64);
+        for i in [0, 3, 39, 41, 150, 199] {
+            let want = numeric(&|d| {
+                let mut x = x.clone();
+                x[i] += d;
+                loss(&x, &gamma, &beta)
+            });
+            assert!(
+                (dx[i] as f64 - want).abs() < 2e-3,
+                "dx[{i}] {} vs {want}",
+                dx[i]
+            );
+        }
+        for i in [0, 17, 39] {
+            let want = numeric(&|d| {
+                let mut g = gamma.clone();
+                g[i] += d;
+                loss(&x, &g, &beta)
+            });
+            assert!((dgamma[i] as f64 - want).abs() < 2e-3, "dgamma[{i}]");
+            let want = numeric(&|d| {
+                let mut b = beta.clone();
+                b[i] += d;
+                loss(&x, &gamma, &b)
+            });
+            assert!((dbeta[i] as f64 - want).abs() < 2e-3, "dbeta[{i}]");
+        }
+    }
 
     #[test]
     fn matches_a_float64_layer_norm_of_the_sum() {

@@ -416,8 +416,17 @@ impl Encoder {
 
     /// `x` with dropout applied at `site` while training; `x` itself otherwise.
     fn dropout(&self, x: Tensor, site: DropoutSite) -> Result<Tensor> {
+        match self.dropout_mask(x.dims(), site)? {
+            Some(mask) => Ok((x * mask.to_dtype(self.dtype)?.to_device(&self.device)?)?),
+            None => Ok(x),
+        }
+    }
+
+    /// The dropout mask (0 or 1/(1−p), f32 on the CPU) of a tensor of `dims` at `site` while
+    /// training with p > 0 there.
+    fn dropout_mask(&self, dims: &[usize], site: DropoutSite) -> Result<Option<Tensor>> {
         let Some(d) = self.dropout else {
-            return Ok(x);
+            return Ok(None);
         };
         let p = match site {
             DropoutSite::Embeddings
@@ -427,10 +436,10 @@ impl Encoder {
             DropoutSite::ClassifierInput | DropoutSite::ClassifierDense => d.classifier,
         };
         if p <= 0.0 {
-            return Ok(x);
+            return Ok(None);
         }
-        let mask = crate::weights::linear::dropout_mask(x.dims(), p, d.seed ^ site.salt())?;
-        Ok((x * mask.to_dtype(self.dtype)?.to_device(&self.device)?)?)
+        let mask = crate::weights::linear::dropout_mask(dims, p, d.seed ^ site.salt())?;
+        Ok(Some(mask))
     }
 
     /// The longest input (special tokens included) the position table allows.
@@ -580,6 +589,13 @@ impl Encoder {
                 &data, b, t, heads, hd, lengths, &mut out,
             );
             return Ok(Tensor::from_vec(out, (b, t, h), qkv.device())?);
+        }
+        if crate::autograd::supports(qkv) && hd <= crate::kernels::attention::MAX_TRAINING_HEAD_DIM
+        {
+            // Training on the CPU: one op forward and one backward (the same dropout mask).
+            let site = DropoutSite::AttentionProbs(layer);
+            let mask = self.dropout_mask(&[b, heads, t, t], site)?;
+            return crate::autograd::bidirectional_attention(qkv, heads, lengths, mask);
         }
         let split = |i: usize| -> Result<Tensor> {
             Ok(qkv

@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::autograd;
 use crate::error::Result;
 use crate::kernels::activation;
 use crate::weights::WeightStore;
@@ -31,8 +32,14 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // The fused kernel has no backward pass; training takes the composite one.
+        // candle's fused kernel has no backward pass: training takes ours, or the composite.
         if self.weight.track_op() || x.track_op() {
+            let ours = [x, &self.weight, &self.bias]
+                .iter()
+                .all(|t| autograd::supports(t));
+            if ours {
+                return autograd::layer_norm(x, &self.weight, &self.bias, self.eps);
+            }
             return Ok(candle_nn::ops::layer_norm_slow(
                 x,
                 &self.weight,
@@ -104,6 +111,7 @@ impl Activation {
     pub fn forward(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Activation::Gelu if host_f32(x) => map_host(x, activation::gelu_erf_inplace)?,
+            Activation::Gelu if autograd::supports(x) => autograd::gelu_erf(x)?,
             Activation::Gelu => x.gelu_erf()?,
             Activation::GeluTanh if host_f32(x) => map_host(x, activation::gelu_tanh_inplace)?,
             Activation::GeluTanh => x.gelu()?,

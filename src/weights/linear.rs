@@ -6,6 +6,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::gguf::MappedBytes;
+use crate::autograd;
 use crate::error::Result;
 use crate::kernels::dense::{packed_matmul, PackedMatrix};
 use crate::kernels::{self, QuantKind, QuantMatrix, QuantTensor};
@@ -82,17 +83,7 @@ fn cpu_matmul(
     Ok(Tensor::from_vec(out, (m, out_cols), x.device())?)
 }
 
-/// `f` over the elements of a contiguous f32 CPU tensor, read in place.
-pub(crate) fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        return Err(crate::Error::invalid(
-            "CPU kernels got a tensor on another device",
-        ));
-    };
-    let start = layout.start_offset();
-    Ok(f(&cpu.as_slice::<f32>()?[start..start + t.elem_count()]))
-}
+pub(crate) use crate::autograd::with_host_f32;
 
 /// The stored form of a weight matrix of shape (out_features, in_features).
 #[derive(Clone)]
@@ -239,6 +230,14 @@ impl Linear {
             }
         };
         Ok(match &self.bias {
+            // Training: one op each way instead of a broadcast and a one-thread reduction.
+            Some(b)
+                if (y.track_op() || b.track_op())
+                    && autograd::supports(&y)
+                    && autograd::supports(b) =>
+            {
+                autograd::bias_add(&y, b)?
+            }
             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
             None => y,
         })
