@@ -43,6 +43,14 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(GeluErf)?)
 }
 
+/// `x Wᵀ + b` for x (rows, in), W (out, in), b (out), as one op each way: the products on
+/// candle's GEMM (the `gemm` crate) called on the tensors' memory with strides, so nothing is
+/// transposed into a copy, and the bias is where the forward product starts.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, Linear)?)
+}
+
 /// `y + bias`, the bias (of y's last dimension) added to every row.
 pub fn bias_add(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
     Ok(y.contiguous()?.apply_op2(&bias.contiguous()?, BiasAdd)?)
@@ -180,6 +188,152 @@ impl CustomOp1 for GeluErf {
             })
         })?;
         Ok(Some(tensor(dx, x.shape())?))
+    }
+}
+
+/// A row-major or transposed view of a matrix in memory: element (r, c) at
+/// `ptr + r·row_stride + c·col_stride`.
+#[derive(Clone, Copy)]
+struct View {
+    ptr: *const f32,
+    row_stride: isize,
+    col_stride: isize,
+}
+
+impl View {
+    /// A row-major (rows × cols) matrix.
+    fn rows(values: &[f32], cols: usize) -> Self {
+        View {
+            ptr: values.as_ptr(),
+            row_stride: cols as isize,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of a row-major matrix of `cols` columns.
+    fn transposed(values: &[f32], cols: usize) -> Self {
+        View {
+            ptr: values.as_ptr(),
+            row_stride: 1,
+            col_stride: cols as isize,
+        }
+    }
+}
+
+/// `out (m × n, row-major) [+]= a (m × k) · b (k × n)`: added to what `out` holds when
+/// `accumulate`, written over it otherwise.
+fn gemm(out: &mut [f32], m: usize, n: usize, k: usize, a: View, b: View, accumulate: bool) {
+    assert!(out.len() >= m * n, "GEMM output too short");
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: callers pass views of buffers holding the (m × k) and (k × n) operands; `out`
+    // holds m × n floats.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.ptr,
+            a.col_stride,
+            a.row_stride,
+            b.ptr,
+            b.col_stride,
+            b.row_stride,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+struct Linear;
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+        b: &CpuStorage,
+        b_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (
+            input(x, x_layout)?,
+            input(w, w_layout)?,
+            input(b, b_layout)?,
+        );
+        let (m, k) = x_layout.shape().dims2()?;
+        let (n, k_w) = w_layout.shape().dims2()?;
+        if k_w != k || b.len() != n {
+            return Err(candle_core::Error::Msg(format!(
+                "linear layer: input {:?}, weight {:?}, bias {:?}",
+                x_layout.shape(),
+                w_layout.shape(),
+                b_layout.shape()
+            )));
+        }
+        let mut out = vec![0f32; m * n];
+        kernels::add_bias(&mut out, b);
+        gemm(
+            &mut out,
+            m,
+            n,
+            k,
+            View::rows(x, k),
+            View::transposed(w, k),
+            true,
+        );
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let ((m, k), n) = (x.dims2()?, w.dim(0)?);
+        let (mut dx, mut dw) = (vec![0f32; m * k], vec![0f32; n * k]);
+        let db = host(dy, |dy| {
+            host(w, |w| {
+                gemm(&mut dx, m, k, n, View::rows(dy, n), View::rows(w, k), false)
+            })?;
+            host(x, |x| {
+                gemm(
+                    &mut dw,
+                    n,
+                    k,
+                    m,
+                    View::transposed(dy, n),
+                    View::rows(x, k),
+                    false,
+                )
+            })?;
+            candle_core::Result::Ok(kernels::column_sums(dy, n))
+        })??;
+        Ok((
+            Some(tensor(dx, x.shape())?),
+            Some(tensor(dw, w.shape())?),
+            Some(tensor(db, b.shape())?),
+        ))
     }
 }
 
@@ -353,6 +507,17 @@ mod tests {
             &[x.clone(), gamma, beta],
             |t| layer_norm(&t[0], &t[1], &t[2], 1e-5).unwrap(),
             |t| candle_nn::ops::layer_norm_slow(&t[0], &t[1], &t[2], 1e-5).unwrap(),
+        );
+        let (x2, weight, bias) = (var(&[15, 24], 4.0), var(&[10, 24], 5.0), var(&[10], 6.0));
+        gradients(
+            &[x2, weight, bias],
+            |t| linear(&t[0], &t[1], &t[2]).unwrap(),
+            |t| {
+                t[0].matmul(&t[1].t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&t[2])
+                    .unwrap()
+            },
         );
         let bias = var(&[24], 3.0);
         gradients(

@@ -206,7 +206,15 @@ impl Linear {
     /// The stored weights' product, x2 (rows, in) -> (rows, out).
     fn frozen_forward(&self, x2: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
-            LinearWeight::Dense(w) => product(x2, w, self.autocast)?,
+            LinearWeight::Dense(w) => match &self.bias {
+                Some(b)
+                    if self.autocast.is_none()
+                        && [x2, w, b].iter().all(|t| autograd::supports(t)) =>
+                {
+                    return autograd::linear(x2, w, b);
+                }
+                _ => product(x2, w, self.autocast)?,
+            },
             // Our kernels leave the autograd graph; a frozen layer under a trainable one (LoRA)
             // still has to pass the gradient on to its input.
             _ if x2.track_op() => {
