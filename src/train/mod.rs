@@ -298,7 +298,8 @@ pub fn apply_gradients(
     let corrections = optimizer.begin_step();
     for ((name, var), grad) in vars.iter().zip(grads.iter_mut()) {
         if factor != 1.0 {
-            grad.iter_mut().for_each(|g| *g *= factor as f32);
+            use rayon::prelude::*;
+            grad.par_iter_mut().for_each(|g| *g *= factor as f32);
         }
         let mut values = var.flatten_all()?.to_vec1::<f32>()?;
         optimizer.update(name, &mut values, grad, lr, corrections)?;

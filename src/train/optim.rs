@@ -4,6 +4,8 @@
 
 use std::collections::BTreeMap;
 
+use rayon::prelude::*;
+
 use crate::error::{Error, Result};
 
 /// torch.optim.AdamW's settings.
@@ -93,21 +95,27 @@ impl AdamW {
         let bc2_sqrt = bc2.sqrt() as f32;
         let keep = (1.0 - lr * decay) as f32;
         let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
-        for (((p, &g), m), v) in param
-            .iter_mut()
-            .zip(grad)
-            .zip(state.m.iter_mut())
-            .zip(state.v.iter_mut())
-        {
-            *p *= keep;
-            *m = b1 * *m + (1.0 - b1) * g;
-            *v = b2 * *v + (1.0 - b2) * g * g;
-            let denom = v.sqrt() / bc2_sqrt + eps;
-            *p -= step_size * *m / denom;
-        }
+        // Element-wise, so in parallel chunks (a vocabulary table is millions of values).
+        param
+            .par_chunks_mut(PARALLEL_CHUNK)
+            .zip(grad.par_chunks(PARALLEL_CHUNK))
+            .zip(state.m.par_chunks_mut(PARALLEL_CHUNK))
+            .zip(state.v.par_chunks_mut(PARALLEL_CHUNK))
+            .for_each(|(((param, grad), m), v)| {
+                for (((p, &g), m), v) in param.iter_mut().zip(grad).zip(m).zip(v) {
+                    *p *= keep;
+                    *m = b1 * *m + (1.0 - b1) * g;
+                    *v = b2 * *v + (1.0 - b2) * g * g;
+                    let denom = v.sqrt() / bc2_sqrt + eps;
+                    *p -= step_size * *m / denom;
+                }
+            });
         Ok(())
     }
 }
+
+/// Values per parallel task of the optimizer's element-wise passes.
+const PARALLEL_CHUNK: usize = 1 << 16;
 
 /// The global L2 norm of all gradients, and the factor clipping to `max_norm` scales them by
 /// (1 when within the bound), as `torch.nn.utils.clip_grad_norm_`.
@@ -115,9 +123,16 @@ pub fn clip_factor<'a>(
     grads: impl Iterator<Item = &'a [f32]>,
     max_norm: Option<f64>,
 ) -> (f64, f64) {
+    // Squares summed per fixed chunk, in parallel, the chunks' sums then in order: the same
+    // norm on any number of threads.
     let norm = grads
-        .flat_map(|g| g.iter())
-        .map(|&x| (x as f64) * (x as f64))
+        .map(|g| {
+            let chunks: Vec<f64> = g
+                .par_chunks(PARALLEL_CHUNK)
+                .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                .collect();
+            chunks.iter().sum::<f64>()
+        })
         .sum::<f64>()
         .sqrt();
     let factor = match max_norm {
