@@ -78,7 +78,11 @@ fn row_statistics(x: &[f32], eps: f32) -> (f32, f32) {
             lanes[i] += xc[i];
         }
     }
-    let sum: f32 = lanes.iter().sum::<f32>() + x[whole..].iter().sum::<f32>();
+    // The tail added one by one after the lanes, in the order the fused pass used to.
+    let mut sum: f32 = lanes.iter().sum();
+    for v in &x[whole..] {
+        sum += v;
+    }
     let mean = sum / h as f32;
 
     let mut lanes = [0f32; LANES];
