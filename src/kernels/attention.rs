@@ -545,9 +545,9 @@ fn attend_head_train_portable(
 ) {
     // The common head sizes with their loops unrolled and row sums held in registers.
     match head.head_dim {
-        32 => attend_head_fixed::<32>(head, t, mask, probs, out),
-        64 => attend_head_fixed::<64>(head, t, mask, probs, out),
-        _ => attend_head_fixed::<MAX_TRAINING_HEAD_DIM>(head, t, mask, probs, out),
+        32 => attend_head_fixed::<32, 2>(head, t, mask, probs, out),
+        64 => attend_head_fixed::<64, 1>(head, t, mask, probs, out),
+        _ => attend_head_fixed::<MAX_TRAINING_HEAD_DIM, 1>(head, t, mask, probs, out),
     }
 }
 
@@ -562,9 +562,10 @@ fn fixed_head_dim<const N: usize>(head: &Head<'_>) -> usize {
     }
 }
 
-/// The head of [`attend_head_train`], `N` as in [`fixed_head_dim`].
+/// The head of [`attend_head_train`], `N` as in [`fixed_head_dim`], `R` as in
+/// [`weighted_row_sums`].
 #[inline(always)]
-fn attend_head_fixed<const N: usize>(
+fn attend_head_fixed<const N: usize, const R: usize>(
     head: Head<'_>,
     t: usize,
     mask: Option<&[f32]>,
@@ -574,60 +575,143 @@ fn attend_head_fixed<const N: usize>(
     let (len, hd) = (head.len, fixed_head_dim::<N>(&head));
     let stride = len.next_multiple_of(8);
     let keys_t = head.transposed(1, stride);
+    let queries = |i: usize| head.part(i, 0);
+    times_transposed::<R>(
+        len,
+        hd,
+        queries,
+        head.scale,
+        &keys_t,
+        (stride, len),
+        probs,
+        t,
+    );
     for i in 0..len {
         let p = &mut probs[i * t..i * t + len];
-        times_transposed(&head.part(i, 0)[..hd], head.scale, &keys_t, stride, p);
         let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let inverse = 1.0 / super::activation::exp_shifted_inplace(p, max);
         p.iter_mut().for_each(|v| *v *= inverse);
-        let mut acc = [0f32; N];
-        for (j, &pj) in p.iter().enumerate() {
-            let weight = mask.map_or(pj, |m| pj * m[i * t + j]);
-            let v = &head.part(j, 2)[..hd];
-            for d in 0..hd {
-                acc[d] = weight.mul_add(v[d], acc[d]);
+    }
+    // O_i = Σ_j A_ij·V_j with A = P ⊙ mask.
+    let probs = &*probs;
+    let weight =
+        |i: usize, j: usize| mask.map_or(probs[i * t + j], |m| probs[i * t + j] * m[i * t + j]);
+    weighted_row_sums::<N, R>(len, hd, weight, |j| head.part(j, 2), out);
+}
+
+/// `out[i][..hd] = Σ_j weight(i, j)·row(j)[..hd]` for the `len` rows of `out` (and j < len):
+/// `R` output rows at a time, so each row loaded feeds `R` sums held in registers (one sum
+/// alone loads a row per FMA and waits on each FMA's latency).
+#[inline(always)]
+fn weighted_row_sums<'a, const N: usize, const R: usize>(
+    len: usize,
+    hd: usize,
+    weight: impl Fn(usize, usize) -> f32,
+    row: impl Fn(usize) -> &'a [f32],
+    out: &mut [f32],
+) {
+    let mut i = 0;
+    while i < len {
+        let group = if i + R <= len { R } else { 1 };
+        let mut acc = [[0f32; N]; R];
+        for j in 0..len {
+            let v = &row(j)[..hd];
+            for (r, sums) in acc.iter_mut().enumerate().take(group) {
+                let w = weight(i + r, j);
+                for d in 0..hd {
+                    sums[d] = w.mul_add(v[d], sums[d]);
+                }
             }
         }
-        out[i * hd..(i + 1) * hd].copy_from_slice(&acc[..hd]);
+        for (r, sums) in acc.iter().enumerate().take(group) {
+            out[(i + r) * hd..(i + r + 1) * hd].copy_from_slice(&sums[..hd]);
+        }
+        i += group;
     }
 }
 
-/// `out[j] = Σ_d (row[d]·scale)·rows_t[d][j]` for the `out.len()` columns of `rows_t`
-/// (row-major, `stride` ≥ out.len() a multiple of 8, zero-padded): 32 columns at a time in four
-/// independent 8-lane sums (one sum alone would wait on each FMA's latency), then 8 at a time.
+/// Rows of `out` (each `out_stride` apart): row i, for i < len, gets
+/// `out[i][j] = Σ_d (row(i)[d]·scale)·rows_t[d][j]` for j < `n`, over the `hd` rows of `rows_t`
+/// (row-major, `stride` ≥ n a multiple of 8, zero-padded). `R` rows at a time and 32 columns
+/// at a time (then 8): each column chunk loaded feeds `R` sums held in registers, and several
+/// independent sums hide the FMAs' latency.
 #[inline(always)]
-fn times_transposed(row: &[f32], scale: f32, rows_t: &[f32], stride: usize, out: &mut [f32]) {
-    let mut j0 = 0;
-    while j0 + 32 <= out.len() {
-        columns_times::<32>(row, scale, rows_t, stride, j0, out);
-        j0 += 32;
-    }
-    while j0 < out.len() {
-        columns_times::<8>(row, scale, rows_t, stride, j0, out);
-        j0 += 8;
+#[allow(clippy::too_many_arguments)]
+fn times_transposed<'a, const R: usize>(
+    len: usize,
+    hd: usize,
+    row: impl Fn(usize) -> &'a [f32],
+    scale: f32,
+    rows_t: &[f32],
+    (stride, n): (usize, usize),
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let mut i = 0;
+    while i < len {
+        let group = if i + R <= len { R } else { 1 };
+        let rows: [&[f32]; R] = std::array::from_fn(|r| &row(i + r.min(group - 1))[..hd]);
+        let mut j0 = 0;
+        while j0 + 32 <= n {
+            columns_times::<32, R>(
+                &rows,
+                group,
+                scale,
+                rows_t,
+                stride,
+                j0,
+                n,
+                &mut out[i * out_stride..],
+                out_stride,
+            );
+            j0 += 32;
+        }
+        while j0 < n {
+            columns_times::<8, R>(
+                &rows,
+                group,
+                scale,
+                rows_t,
+                stride,
+                j0,
+                n,
+                &mut out[i * out_stride..],
+                out_stride,
+            );
+            j0 += 8;
+        }
+        i += group;
     }
 }
 
-/// Columns `j0..j0 + W` of [`times_transposed`] (those before `out.len()` stored).
+/// Columns `j0..j0 + W` (those before `n`) of the first `group` rows of [`times_transposed`].
 #[inline(always)]
-fn columns_times<const W: usize>(
-    row: &[f32],
+#[allow(clippy::too_many_arguments)]
+fn columns_times<const W: usize, const R: usize>(
+    rows: &[&[f32]; R],
+    group: usize,
     scale: f32,
     rows_t: &[f32],
     stride: usize,
     j0: usize,
+    n: usize,
     out: &mut [f32],
+    out_stride: usize,
 ) {
-    let mut acc = [0f32; W];
-    for (d, x) in row.iter().enumerate() {
-        let x = x * scale;
+    let mut acc = [[0f32; W]; R];
+    for d in 0..rows[0].len() {
         let column = &rows_t[d * stride + j0..d * stride + j0 + W];
-        for l in 0..W {
-            acc[l] = x.mul_add(column[l], acc[l]);
+        for (sums, row) in acc.iter_mut().zip(rows).take(group) {
+            let x = row[d] * scale;
+            for l in 0..W {
+                sums[l] = x.mul_add(column[l], sums[l]);
+            }
         }
     }
-    let n = (out.len() - j0).min(W);
-    out[j0..j0 + n].copy_from_slice(&acc[..n]);
+    let width = (n - j0).min(W);
+    for (r, sums) in acc.iter().enumerate().take(group) {
+        out[r * out_stride + j0..r * out_stride + j0 + width].copy_from_slice(&sums[..width]);
+    }
 }
 
 /// The gradient of [`bidirectional_attention_train`] with respect to `qkv`, given the output's
@@ -683,15 +767,16 @@ fn backward_head_portable(
     grads: &mut [f32],
 ) {
     match head.head_dim {
-        32 => backward_head_fixed::<32>(head, t, mask, probs, dout, grads),
-        64 => backward_head_fixed::<64>(head, t, mask, probs, dout, grads),
-        _ => backward_head_fixed::<MAX_TRAINING_HEAD_DIM>(head, t, mask, probs, dout, grads),
+        32 => backward_head_fixed::<32, 2>(head, t, mask, probs, dout, grads),
+        64 => backward_head_fixed::<64, 1>(head, t, mask, probs, dout, grads),
+        _ => backward_head_fixed::<MAX_TRAINING_HEAD_DIM, 1>(head, t, mask, probs, dout, grads),
     }
 }
 
-/// The head of [`backward_head`], `N` as in [`fixed_head_dim`].
+/// The head of [`backward_head`], `N` as in [`fixed_head_dim`], `R` as in
+/// [`weighted_row_sums`].
 #[inline(always)]
-fn backward_head_fixed<const N: usize>(
+fn backward_head_fixed<const N: usize, const R: usize>(
     head: Head<'_>,
     t: usize,
     mask: Option<&[f32]>,
@@ -707,10 +792,19 @@ fn backward_head_fixed<const N: usize>(
     let (dk_all, dv_all) = rest.split_at_mut(t * hd);
     // Row i of `scores`: dS·scale, from dP = (dO·Vᵀ) ⊙ mask and dS = P ⊙ (dP − Σ dP ⊙ P).
     let mut scores = vec![0f32; len * len];
+    times_transposed::<R>(
+        len,
+        hd,
+        d_out,
+        1.0,
+        &values_t,
+        (stride, len),
+        &mut scores,
+        len,
+    );
     for i in 0..len {
         let p = &probs[i * t..i * t + len];
         let ds = &mut scores[i * len..(i + 1) * len];
-        times_transposed(d_out(i), 1.0, &values_t, stride, ds);
         if let Some(m) = mask {
             ds.iter_mut().zip(&m[i * t..]).for_each(|(s, m)| *s *= m);
         }
@@ -718,32 +812,38 @@ fn backward_head_fixed<const N: usize>(
         ds.iter_mut()
             .zip(p)
             .for_each(|(s, p)| *s = p * (*s - centre) * head.scale);
-        // dQ_i = Σ_j dS_ij·scale·K_j
-        let mut acc = [0f32; N];
-        for (j, s) in ds.iter().enumerate() {
-            let k = &head.part(j, 1)[..hd];
-            for d in 0..hd {
-                acc[d] = s.mul_add(k[d], acc[d]);
-            }
-        }
-        dq_all[i * hd..(i + 1) * hd].copy_from_slice(&acc[..hd]);
     }
-    // dK_j = Σ_i dS_ij·scale·Q_i and dV_j = Σ_i A_ij·dO_i, each row summed in registers.
-    for j in 0..len {
-        let (mut acc_k, mut acc_v) = ([0f32; N], [0f32; N]);
-        for i in 0..len {
-            let s = scores[i * len + j];
+    // dQ_i = Σ_j dS_ij·scale·K_j
+    let scores = &scores;
+    weighted_row_sums::<N, R>(
+        len,
+        hd,
+        |i, j| scores[i * len + j],
+        |j| head.part(j, 1),
+        dq_all,
+    );
+    // dK_j = Σ_i dS_ij·scale·Q_i and dV_j = Σ_i A_ij·dO_i, over transposed copies so that
+    // their weights are read along rows too.
+    let mut transposed = vec![0f32; len * len];
+    for (i, row) in scores.chunks_exact(len).enumerate() {
+        for (j, s) in row.iter().enumerate() {
+            transposed[j * len + i] = *s;
+        }
+    }
+    weighted_row_sums::<N, R>(
+        len,
+        hd,
+        |j, i| transposed[j * len + i],
+        |i| head.part(i, 0),
+        dk_all,
+    );
+    for i in 0..len {
+        for j in 0..len {
             let pij = probs[i * t + j];
-            let weight = mask.map_or(pij, |m| pij * m[i * t + j]);
-            let (q, g) = (&head.part(i, 0)[..hd], d_out(i));
-            for d in 0..hd {
-                acc_k[d] = s.mul_add(q[d], acc_k[d]);
-                acc_v[d] = weight.mul_add(g[d], acc_v[d]);
-            }
+            transposed[j * len + i] = mask.map_or(pij, |m| pij * m[i * t + j]);
         }
-        dk_all[j * hd..(j + 1) * hd].copy_from_slice(&acc_k[..hd]);
-        dv_all[j * hd..(j + 1) * hd].copy_from_slice(&acc_v[..hd]);
     }
+    weighted_row_sums::<N, R>(len, hd, |j, i| transposed[j * len + i], d_out, dv_all);
 }
 
 /// Dot product in 8 independent lanes, so the compiler can keep it in vector registers.
