@@ -32,6 +32,57 @@ pub(crate) fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Resul
     Ok(f(&cpu.as_slice::<f32>()?[start..start + t.elem_count()]))
 }
 
+/// `f` over the elements of a contiguous f32 CPU tensor, changed in place: the storage is the
+/// tensor's own (a [`candle_core::Var`]'s), so an optimizer step needs no copy out and back.
+/// Returns `f`'s result.
+pub(crate) fn update_host_f32(t: &Tensor, f: impl FnOnce(&mut [f32]) -> Result<()>) -> Result<()> {
+    let op = InPlace {
+        update: std::sync::Mutex::new(Some(f)),
+        result: std::sync::Mutex::new(None),
+    };
+    t.inplace_op1(&op)?;
+    let result = op.result.lock().map(|mut r| r.take());
+    result
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| Err(crate::Error::invalid("in-place update did not run")))
+}
+
+/// The op of [`update_host_f32`]: candle hands an in-place op the tensor's storage mutably.
+struct InPlace<F> {
+    update: std::sync::Mutex<Option<F>>,
+    result: std::sync::Mutex<Option<Result<()>>>,
+}
+
+impl<F: FnOnce(&mut [f32]) -> Result<()>> candle_core::InplaceOp1 for InPlace<F> {
+    fn name(&self) -> &'static str {
+        "host-update"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let CpuStorage::F32(values) = storage else {
+            return Err(candle_core::Error::Msg(
+                "in-place update of a non-f32 tensor".into(),
+            ));
+        };
+        if !layout.is_contiguous() {
+            return Err(candle_core::Error::Msg(
+                "in-place update of a strided tensor".into(),
+            ));
+        }
+        let range = layout.start_offset()..layout.start_offset() + layout.shape().elem_count();
+        let update = self.update.lock().ok().and_then(|mut f| f.take());
+        let result = match update {
+            Some(update) => update(&mut values[range]),
+            None => Err(crate::Error::invalid("in-place update run twice")),
+        };
+        if let Ok(mut slot) = self.result.lock() {
+            *slot = Some(result);
+        }
+        Ok(())
+    }
+}
+
 /// LayerNorm over the last dimension, weight `gamma`, bias `beta`.
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<Tensor> {
     Ok(x.contiguous()?

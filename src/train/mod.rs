@@ -185,10 +185,11 @@ pub fn train(
         return Err(Error::invalid("the task has no trainable parameters"));
     }
     let mut order = epoch_order(n, options.seed, progress.epoch);
+    // Gradient sums, one buffer per parameter, reused by every step.
+    let mut sums: Vec<Vec<f32>> = Vec::new();
     while progress.step < total {
         let start = Instant::now();
         let loss_scale = scaler.as_ref().map(|s| s.scale);
-        let mut sums: Vec<Vec<f32>> = Vec::new();
         let (mut loss_sum, mut tokens, mut samples) = (0.0f64, 0usize, 0usize);
         for micro in 0..options.grad_accum {
             if progress.position >= micro_per_epoch {
@@ -208,14 +209,7 @@ pub fn train(
             loss_sum += loss.to_scalar::<f32>()? as f64 / options.grad_accum as f64;
             let grads =
                 (loss * (loss_scale.unwrap_or(1.0) / options.grad_accum as f64))?.backward()?;
-            let micro = collect_gradients(&vars, &grads)?;
-            if sums.is_empty() {
-                sums = micro;
-            } else {
-                for (sum, grad) in sums.iter_mut().zip(&micro) {
-                    sum.iter_mut().zip(grad).for_each(|(s, g)| *s += g);
-                }
-            }
+            accumulate_gradients(&vars, &grads, &mut sums, micro == 0)?;
         }
         let lr = options.lr
             * options
@@ -280,6 +274,43 @@ pub fn collect_gradients(vars: &[(String, Var)], grads: &GradStore) -> Result<Ve
         .collect()
 }
 
+/// Every parameter's gradient added into `sums` (one buffer per parameter, made on the first
+/// call and reused after), or written over it when `first`: zeros for one the loss does not
+/// reach.
+pub fn accumulate_gradients(
+    vars: &[(String, Var)],
+    grads: &GradStore,
+    sums: &mut Vec<Vec<f32>>,
+    first: bool,
+) -> Result<()> {
+    use rayon::prelude::*;
+    sums.resize_with(vars.len(), Vec::new);
+    for ((_, var), sum) in vars.iter().zip(sums.iter_mut()) {
+        sum.resize(var.elem_count(), 0.0);
+        let Some(grad) = grads.get(var.as_tensor()) else {
+            if first {
+                sum.fill(0.0);
+            }
+            continue;
+        };
+        let mut add = |values: &[f32]| {
+            let chunks = sum.par_chunks_mut(optim::PARALLEL_CHUNK);
+            chunks
+                .zip(values.par_chunks(optim::PARALLEL_CHUNK))
+                .for_each(|(sum, values)| match first {
+                    true => sum.copy_from_slice(values),
+                    false => sum.iter_mut().zip(values).for_each(|(s, g)| *s += g),
+                });
+        };
+        if crate::autograd::supports(grad) && grad.is_contiguous() {
+            crate::autograd::with_host_f32(grad, add)?;
+        } else {
+            add(&grad.flatten_all()?.to_vec1::<f32>()?);
+        }
+    }
+    Ok(())
+}
+
 /// Clip the gradients to `clip_norm` (global L2 norm) and take one AdamW step on every
 /// parameter at learning rate `lr`. Returns the norm before clipping.
 pub fn apply_gradients(
@@ -301,9 +332,16 @@ pub fn apply_gradients(
             use rayon::prelude::*;
             grad.par_iter_mut().for_each(|g| *g *= factor as f32);
         }
-        let mut values = var.flatten_all()?.to_vec1::<f32>()?;
-        optimizer.update(name, &mut values, grad, lr, corrections)?;
-        var.set(&Tensor::from_vec(values, var.shape(), var.device())?)?;
+        let tensor = var.as_tensor();
+        if crate::autograd::supports(tensor) && tensor.is_contiguous() {
+            crate::autograd::update_host_f32(tensor, |values| {
+                optimizer.update(name, values, grad, lr, corrections)
+            })?;
+        } else {
+            let mut values = var.flatten_all()?.to_vec1::<f32>()?;
+            optimizer.update(name, &mut values, grad, lr, corrections)?;
+            var.set(&Tensor::from_vec(values, var.shape(), var.device())?)?;
+        }
     }
     Ok(grad_norm)
 }

@@ -115,7 +115,7 @@ impl AdamW {
 }
 
 /// Values per parallel task of the optimizer's element-wise passes.
-const PARALLEL_CHUNK: usize = 1 << 16;
+pub(crate) const PARALLEL_CHUNK: usize = 1 << 16;
 
 /// The global L2 norm of all gradients, and the factor clipping to `max_norm` scales them by
 /// (1 when within the bound), as `torch.nn.utils.clip_grad_norm_`.
