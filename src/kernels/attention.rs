@@ -575,17 +575,13 @@ fn attend_head_fixed<const N: usize, const R: usize>(
     let (len, hd) = (head.len, fixed_head_dim::<N>(&head));
     let stride = len.next_multiple_of(8);
     let keys_t = head.transposed(1, stride);
+    let keys_t = TransposedRows {
+        values: &keys_t,
+        stride,
+        n: len,
+    };
     let queries = |i: usize| head.part(i, 0);
-    times_transposed::<R>(
-        len,
-        hd,
-        queries,
-        head.scale,
-        &keys_t,
-        (stride, len),
-        probs,
-        t,
-    );
+    times_transposed::<R>((len, hd), queries, head.scale, keys_t, probs, t);
     for i in 0..len {
         let p = &mut probs[i * t..i * t + len];
         let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -596,7 +592,7 @@ fn attend_head_fixed<const N: usize, const R: usize>(
     let probs = &*probs;
     let weight =
         |i: usize, j: usize| mask.map_or(probs[i * t + j], |m| probs[i * t + j] * m[i * t + j]);
-    weighted_row_sums::<N, R>(len, hd, weight, |j| head.part(j, 2), out);
+    weighted_row_sums::<N, R>((len, hd), weight, |j| head.part(j, 2), out);
 }
 
 /// `out[i][..hd] = Σ_j weight(i, j)·row(j)[..hd]` for the `len` rows of `out` (and j < len):
@@ -604,8 +600,7 @@ fn attend_head_fixed<const N: usize, const R: usize>(
 /// alone loads a row per FMA and waits on each FMA's latency).
 #[inline(always)]
 fn weighted_row_sums<'a, const N: usize, const R: usize>(
-    len: usize,
-    hd: usize,
+    (len, hd): (usize, usize),
     weight: impl Fn(usize, usize) -> f32,
     row: impl Fn(usize) -> &'a [f32],
     out: &mut [f32],
@@ -630,85 +625,75 @@ fn weighted_row_sums<'a, const N: usize, const R: usize>(
     }
 }
 
+/// `hd` rows of `n` columns, row-major at `stride` (≥ n, a multiple of 8, zero-padded past n):
+/// keys or values transposed, so a query's products with all of them grow one element at a time.
+#[derive(Clone, Copy)]
+struct TransposedRows<'a> {
+    values: &'a [f32],
+    stride: usize,
+    n: usize,
+}
+
+/// Up to `R` rows (the first `group` of them real) and the factor each element is scaled by.
+struct ScaledRows<'a, const R: usize> {
+    rows: [&'a [f32]; R],
+    group: usize,
+    scale: f32,
+}
+
 /// Rows of `out` (each `out_stride` apart): row i, for i < len, gets
-/// `out[i][j] = Σ_d (row(i)[d]·scale)·rows_t[d][j]` for j < `n`, over the `hd` rows of `rows_t`
-/// (row-major, `stride` ≥ n a multiple of 8, zero-padded). `R` rows at a time and 32 columns
-/// at a time (then 8): each column chunk loaded feeds `R` sums held in registers, and several
-/// independent sums hide the FMAs' latency.
+/// `out[i][j] = Σ_d (row(i)[d]·scale)·rows_t[d][j]` for j < n, over the `hd` rows of `rows_t`.
+/// `R` rows at a time and 32 columns at a time (then 8): each column chunk loaded feeds `R`
+/// sums held in registers, and several independent sums hide the FMAs' latency.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn times_transposed<'a, const R: usize>(
-    len: usize,
-    hd: usize,
+    (len, hd): (usize, usize),
     row: impl Fn(usize) -> &'a [f32],
     scale: f32,
-    rows_t: &[f32],
-    (stride, n): (usize, usize),
+    rows_t: TransposedRows<'_>,
     out: &mut [f32],
     out_stride: usize,
 ) {
     let mut i = 0;
     while i < len {
         let group = if i + R <= len { R } else { 1 };
-        let rows: [&[f32]; R] = std::array::from_fn(|r| &row(i + r.min(group - 1))[..hd]);
+        let rows = std::array::from_fn(|r| &row(i + r.min(group - 1))[..hd]);
+        let scaled = ScaledRows { rows, group, scale };
+        let out = &mut out[i * out_stride..];
         let mut j0 = 0;
-        while j0 + 32 <= n {
-            columns_times::<32, R>(
-                &rows,
-                group,
-                scale,
-                rows_t,
-                stride,
-                j0,
-                n,
-                &mut out[i * out_stride..],
-                out_stride,
-            );
+        while j0 + 32 <= rows_t.n {
+            columns_times::<32, R>(&scaled, rows_t, j0, out, out_stride);
             j0 += 32;
         }
-        while j0 < n {
-            columns_times::<8, R>(
-                &rows,
-                group,
-                scale,
-                rows_t,
-                stride,
-                j0,
-                n,
-                &mut out[i * out_stride..],
-                out_stride,
-            );
+        while j0 < rows_t.n {
+            columns_times::<8, R>(&scaled, rows_t, j0, out, out_stride);
             j0 += 8;
         }
         i += group;
     }
 }
 
-/// Columns `j0..j0 + W` (those before `n`) of the first `group` rows of [`times_transposed`].
+/// Columns `j0..j0 + W` (those before n) of the real rows of [`times_transposed`].
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn columns_times<const W: usize, const R: usize>(
-    rows: &[&[f32]; R],
-    group: usize,
-    scale: f32,
-    rows_t: &[f32],
-    stride: usize,
+    scaled: &ScaledRows<'_, R>,
+    rows_t: TransposedRows<'_>,
     j0: usize,
-    n: usize,
     out: &mut [f32],
     out_stride: usize,
 ) {
+    let (stride, group) = (rows_t.stride, scaled.group);
     let mut acc = [[0f32; W]; R];
-    for d in 0..rows[0].len() {
-        let column = &rows_t[d * stride + j0..d * stride + j0 + W];
-        for (sums, row) in acc.iter_mut().zip(rows).take(group) {
-            let x = row[d] * scale;
+    for d in 0..scaled.rows[0].len() {
+        let column = &rows_t.values[d * stride + j0..d * stride + j0 + W];
+        for (sums, row) in acc.iter_mut().zip(&scaled.rows).take(group) {
+            let x = row[d] * scaled.scale;
             for l in 0..W {
                 sums[l] = x.mul_add(column[l], sums[l]);
             }
         }
     }
-    let width = (n - j0).min(W);
+    let width = (rows_t.n - j0).min(W);
     for (r, sums) in acc.iter().enumerate().take(group) {
         out[r * out_stride + j0..r * out_stride + j0 + width].copy_from_slice(&sums[..width]);
     }
@@ -792,16 +777,12 @@ fn backward_head_fixed<const N: usize, const R: usize>(
     let (dk_all, dv_all) = rest.split_at_mut(t * hd);
     // Row i of `scores`: dS·scale, from dP = (dO·Vᵀ) ⊙ mask and dS = P ⊙ (dP − Σ dP ⊙ P).
     let mut scores = vec![0f32; len * len];
-    times_transposed::<R>(
-        len,
-        hd,
-        d_out,
-        1.0,
-        &values_t,
-        (stride, len),
-        &mut scores,
-        len,
-    );
+    let values_t = TransposedRows {
+        values: &values_t,
+        stride,
+        n: len,
+    };
+    times_transposed::<R>((len, hd), d_out, 1.0, values_t, &mut scores, len);
     for i in 0..len {
         let p = &probs[i * t..i * t + len];
         let ds = &mut scores[i * len..(i + 1) * len];
@@ -816,8 +797,7 @@ fn backward_head_fixed<const N: usize, const R: usize>(
     // dQ_i = Σ_j dS_ij·scale·K_j
     let scores = &scores;
     weighted_row_sums::<N, R>(
-        len,
-        hd,
+        (len, hd),
         |i, j| scores[i * len + j],
         |j| head.part(j, 1),
         dq_all,
@@ -831,8 +811,7 @@ fn backward_head_fixed<const N: usize, const R: usize>(
         }
     }
     weighted_row_sums::<N, R>(
-        len,
-        hd,
+        (len, hd),
         |j, i| transposed[j * len + i],
         |i| head.part(i, 0),
         dk_all,
@@ -843,7 +822,7 @@ fn backward_head_fixed<const N: usize, const R: usize>(
             transposed[j * len + i] = mask.map_or(pij, |m| pij * m[i * t + j]);
         }
     }
-    weighted_row_sums::<N, R>(len, hd, |j, i| transposed[j * len + i], d_out, dv_all);
+    weighted_row_sums::<N, R>((len, hd), |j, i| transposed[j * len + i], d_out, dv_all);
 }
 
 /// Dot product in 8 independent lanes, so the compiler can keep it in vector registers.
