@@ -37,21 +37,19 @@ pub(crate) fn with_host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Resul
 /// Returns `f`'s result.
 pub(crate) fn update_host_f32(t: &Tensor, f: impl FnOnce(&mut [f32]) -> Result<()>) -> Result<()> {
     let op = InPlace {
-        update: std::sync::Mutex::new(Some(f)),
-        result: std::sync::Mutex::new(None),
+        update: std::cell::Cell::new(Some(f)),
+        result: std::cell::Cell::new(None),
     };
     t.inplace_op1(&op)?;
-    let result = op.result.lock().map(|mut r| r.take());
-    result
-        .ok()
-        .flatten()
+    op.result
+        .take()
         .unwrap_or_else(|| Err(crate::Error::invalid("in-place update did not run")))
 }
 
 /// The op of [`update_host_f32`]: candle hands an in-place op the tensor's storage mutably.
 struct InPlace<F> {
-    update: std::sync::Mutex<Option<F>>,
-    result: std::sync::Mutex<Option<Result<()>>>,
+    update: std::cell::Cell<Option<F>>,
+    result: std::cell::Cell<Option<Result<()>>>,
 }
 
 impl<F: FnOnce(&mut [f32]) -> Result<()>> candle_core::InplaceOp1 for InPlace<F> {
@@ -71,14 +69,11 @@ impl<F: FnOnce(&mut [f32]) -> Result<()>> candle_core::InplaceOp1 for InPlace<F>
             ));
         }
         let range = layout.start_offset()..layout.start_offset() + layout.shape().elem_count();
-        let update = self.update.lock().ok().and_then(|mut f| f.take());
-        let result = match update {
+        let result = match self.update.take() {
             Some(update) => update(&mut values[range]),
             None => Err(crate::Error::invalid("in-place update run twice")),
         };
-        if let Ok(mut slot) = self.result.lock() {
-            *slot = Some(result);
-        }
+        self.result.set(Some(result));
         Ok(())
     }
 }

@@ -266,12 +266,9 @@ pub fn train(
 
 /// Every parameter's gradient as host values (zeros for one the loss does not reach).
 pub fn collect_gradients(vars: &[(String, Var)], grads: &GradStore) -> Result<Vec<Vec<f32>>> {
-    vars.iter()
-        .map(|(_, var)| match grads.get(var.as_tensor()) {
-            Some(g) => Ok(g.flatten_all()?.to_vec1::<f32>()?),
-            None => Ok(vec![0.0; var.elem_count()]),
-        })
-        .collect()
+    let mut sums = Vec::new();
+    accumulate_gradients(vars, grads, &mut sums, true)?;
+    Ok(sums)
 }
 
 /// Every parameter's gradient added into `sums` (one buffer per parameter, made on the first
