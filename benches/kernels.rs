@@ -4,6 +4,8 @@
 //! `cargo bench --bench kernels` (threads: RAYON_NUM_THREADS, default all cores). Then the f32
 //! products of many rows, on the panel kernel and the AMX tiles (`BENCH_DENSE_ONLY=1`: only
 //! those), and f32 decode steps over GPT-Neo-125M-shaped layers (`BENCH_GEMV_ONLY=1`: only those).
+//! `BENCH_PREFILL_ONLY=1`: only the precise products of a 512-token prefill through one
+//! SmolLM2-shaped Q4_1 layer.
 
 use std::time::Instant;
 use wordloom::kernels::dense::{packed_matmul_forced, PackedMatrix};
@@ -18,6 +20,10 @@ fn main() {
     }
     if std::env::var_os("BENCH_DENSE_ONLY").is_some() {
         dense_f32(&mut uniform(5));
+        return;
+    }
+    if std::env::var_os("BENCH_PREFILL_ONLY").is_some() {
+        prefill(&mut uniform(7));
         return;
     }
     // BENCH_MB: total weight bytes per pass (default: SmolLM2's 92 MB; small = in cache).
@@ -96,6 +102,49 @@ fn main() {
     }
     dense_f32(&mut rand);
     dense_gemv(&mut rand);
+}
+
+/// The precise (two int8 rows per token) Q4_1 products of a 512-token prefill through one
+/// SmolLM2-shaped layer, in useful GFLOP/s (2 per weight and token).
+fn prefill(rand: &mut impl FnMut() -> f32) {
+    let shapes = [
+        (576, 576),
+        (192, 576),
+        (192, 576),
+        (576, 576),
+        (1536, 576),
+        (1536, 576),
+        (576, 1536),
+    ];
+    let kind = QuantKind::Q4_1;
+    let layer: Vec<QuantTensor> = shapes
+        .iter()
+        .map(|&(rows, cols)| {
+            let w: Vec<f32> = (0..rows * cols).map(|_| rand() * 0.1).collect();
+            QuantTensor::from_gguf(kind, rows, cols, &reference::quantize(kind, &w, rows, cols))
+        })
+        .collect();
+    let m = 512;
+    let x: Vec<f32> = (0..m * 1536).map(|_| rand()).collect();
+    let mut out = vec![0f32; m * 1536];
+    let flops: usize = shapes.iter().map(|&(n, k)| 2 * m * n * k).sum();
+    let mut times = Vec::new();
+    for _ in 0..30 {
+        let t0 = Instant::now();
+        for (w, &(rows, cols)) in layer.iter().zip(&shapes) {
+            quant_matmul_precise(&w.matrix(), &x[..m * cols], m, &mut out[..m * rows]);
+        }
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let (best, median) = (times[0], times[times.len() / 2]);
+    println!(
+        "{kind:?} prefill (m={m}, precise): {:.1} GFLOP/s best, {:.1} median ({:.2} ms per layer, {} threads)",
+        flops as f64 / best / 1e9,
+        flops as f64 / median / 1e9,
+        median * 1e3,
+        rayon::current_num_threads()
+    );
 }
 
 /// Uniform values in [-0.5, 0.5) from a linear congruential generator.

@@ -299,7 +299,7 @@ fn quantize_row(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
 }
 
 /// One activation row of [`QuantizedActs`]: int8 values, block scales, scaled block sums.
-type ActRow<'a> = (&'a mut [i8], &'a mut [f32], &'a mut [f32]);
+pub(crate) type ActRow<'a> = (&'a mut [i8], &'a mut [f32], &'a mut [f32]);
 
 /// The rows of a [`QuantizedActs`] for pool tasks that each fill rows of their own.
 #[derive(Clone, Copy)]
@@ -363,23 +363,51 @@ fn quantize_rows(x: &[f32], m: usize, cols: usize, acts: &mut QuantizedActs, par
 /// took 3% of it on one thread while the others waited.
 fn quantize_rows_precise(x: &[f32], m: usize, cols: usize, acts: &mut QuantizedActs) {
     acts.resize(2 * m, cols);
-    let nb = cols / 32;
     let rows = ActRowsPtr::new(acts);
     parallel_chunks(m, cols * 8, |r0, r1| {
-        let mut residual = vec![0f32; cols];
         for r in r0..r1 {
             let xr = &x[r * cols..][..cols];
             // SAFETY: rows r and m + r (< 2m, sized above) belong to this task alone.
-            let ((q, d, s), (rq, rd, rs)) = unsafe { (rows.row(r), rows.row(m + r)) };
+            let ((q, d, s), residual) = unsafe { (rows.row(r), rows.row(m + r)) };
             quantize_row(xr, q, d, s);
-            for b in 0..nb {
-                for j in b * 32..b * 32 + 32 {
-                    residual[j] = xr[j] - d[b] * q[j] as f32;
-                }
-            }
-            quantize_row(&residual, rq, rd, rs);
+            quantize_residual_row(xr, (q, d), residual);
         }
     });
+}
+
+/// What rounding `x` to (`q`, `d`) left over, rounded to int8 again at the fixed scale
+/// `d / 256` per block. A power of two apart, a token's two integer block sums combine exactly
+/// as `main · 256 + residual` (the AVX2 kernel relies on it); `|x − d·q| ≤ d/2` puts the
+/// residual within ±128 steps, clamped to ±127 (so `sign_epi8` never meets −128).
+fn quantize_residual_row(x: &[f32], (q, d): (&[i8], &[f32]), residual: ActRow) {
+    #[cfg(target_arch = "x86_64")]
+    if features().avx2 {
+        // SAFETY: feature checked at runtime.
+        unsafe { x86::quantize_residual_row_avx2(x, (q, d), residual) };
+        return;
+    }
+    quantize_residual_row_scalar(x, (q, d), residual);
+}
+
+pub(crate) fn quantize_residual_row_scalar(x: &[f32], (q, d): (&[i8], &[f32]), residual: ActRow) {
+    let (rq, rd, rs) = residual;
+    for (b, ((xb, qb), rb)) in x
+        .chunks_exact(32)
+        .zip(q.chunks_exact(32))
+        .zip(rq.chunks_exact_mut(32))
+        .enumerate()
+    {
+        let inverse = if d[b] > 0.0 { 256.0 / d[b] } else { 0.0 };
+        let mut sum = 0i32;
+        for ((r, &xv), &qv) in rb.iter_mut().zip(xb).zip(qb) {
+            let rest = xv - d[b] * qv as f32;
+            let v = ((rest * inverse).round_ties_even() as i32).clamp(-127, 127);
+            *r = v as i8;
+            sum += v;
+        }
+        rd[b] = d[b] / 256.0;
+        rs[b] = rd[b] * sum as f32;
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -799,7 +827,7 @@ pub fn quant_matmul_precise(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32
         #[cfg(target_arch = "x86_64")]
         if features().avx2 && !features().avx512 {
             // Each token's two rows summed inside the kernel: no 2m-row product to write and
-            // add up (the same arithmetic as below).
+            // add up (the same sums as below, combined in integers before the scaling).
             let outp = SendPtr(out.as_mut_ptr());
             let per_row = streaming_cost_per_row(w, 2 * m);
             par_ranges(rows, GROUP, per_row, true, |r0, r1| {

@@ -391,3 +391,44 @@ fn vector_activation_quantization_matches_the_scalar_blocks() {
         assert_eq!(s, want_s, "{name} sums");
     }
 }
+
+#[test]
+fn vector_residual_quantization_matches_the_scalar_blocks() {
+    let mut rng = Rng(13);
+    let mut x = rng.vec(32 * 6, 3.0);
+    x[32..64].fill(0.0); // an all-zero block: scale 0
+    x[64] = 1e30; // one huge value: every other value (and residual) rounds to 0
+    let nb = x.len() / 32;
+    let (mut q, mut d, mut s) = (vec![0i8; x.len()], vec![0f32; nb], vec![0f32; nb]);
+    for b in 0..nb {
+        (d[b], s[b]) = quantize_block_scalar(&x[b * 32..][..32], &mut q[b * 32..][..32]);
+    }
+    // A residual of exactly half a step (x = 0.5·d): 128 steps of d/256, clamped to 127.
+    x[96] = 127.0;
+    x[97] = 0.5;
+    (d[3], s[3]) = quantize_block_scalar(&x[96..128], &mut q[96..128]);
+    let (mut want_q, mut want_d, mut want_s) = (vec![0i8; x.len()], vec![0f32; nb], vec![0f32; nb]);
+    quantize_residual_row_scalar(&x, (&q, &d), (&mut want_q, &mut want_d, &mut want_s));
+    assert_eq!(d[3], 1.0);
+    assert_eq!(
+        (q[97], want_q[97]),
+        (0, 127),
+        "half a step rounds to even, then clamps"
+    );
+    for b in 0..nb {
+        assert_eq!(want_d[b], d[b] / 256.0, "residual scale of block {b}");
+        for j in b * 32..b * 32 + 32 {
+            let rest = x[j] - d[b] * q[j] as f32;
+            assert!((rest - want_d[b] * want_q[j] as f32).abs() <= want_d[b] * 1.5);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if features().avx2 {
+        let (mut rq, mut rd, mut rs) = (vec![0i8; x.len()], vec![0f32; nb], vec![0f32; nb]);
+        // SAFETY: the feature was detected.
+        unsafe { x86::quantize_residual_row_avx2(&x, (&q, &d), (&mut rq, &mut rd, &mut rs)) };
+        assert_eq!(rq, want_q, "values");
+        assert_eq!(rd, want_d, "scales");
+        assert_eq!(rs, want_s, "sums");
+    }
+}

@@ -65,6 +65,43 @@ pub(crate) unsafe fn quantize_row_avx512(x: &[f32], q: &mut [i8], d: &mut [f32],
     }
 }
 
+/// The sum of a block's 32 quantized values.
+#[inline(always)]
+unsafe fn sum_i32x32(qi: [__m256i; 4]) -> i32 {
+    unsafe {
+        let total = _mm256_add_epi32(
+            _mm256_add_epi32(qi[0], qi[1]),
+            _mm256_add_epi32(qi[2], qi[3]),
+        );
+        let total = _mm_add_epi32(
+            _mm256_castsi256_si128(total),
+            _mm256_extracti128_si256::<1>(total),
+        );
+        let total = _mm_add_epi32(total, _mm_shuffle_epi32::<0b01_00_11_10>(total));
+        _mm_cvtsi128_si32(_mm_add_epi32(
+            total,
+            _mm_shuffle_epi32::<0b10_11_00_01>(total),
+        ))
+    }
+}
+
+/// A block's 32 values (each within i8) stored as bytes at `dst`, in order.
+#[inline(always)]
+unsafe fn store_i8x32(qi: [__m256i; 4], dst: *mut i8) {
+    unsafe {
+        let bytes = _mm256_packs_epi16(
+            _mm256_packs_epi32(qi[0], qi[1]),
+            _mm256_packs_epi32(qi[2], qi[3]),
+        );
+        // packs interleave 128-bit lanes; this puts the 4-byte groups back in order.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        _mm256_storeu_si256(
+            dst as *mut __m256i,
+            _mm256_permutevar8x32_epi32(bytes, order),
+        );
+    }
+}
+
 /// [`quantize_row_avx512`] on AVX2: the same blocks, bit for bit.
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn quantize_row_avx2(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32]) {
@@ -74,8 +111,6 @@ pub(crate) unsafe fn quantize_row_avx2(x: &[f32], q: &mut [i8], d: &mut [f32], s
     let qp = q.as_mut_ptr();
     unsafe {
         let sign = _mm256_set1_ps(-0.0);
-        // packs interleave 128-bit lanes; this puts the 4-byte groups back in order.
-        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
         for b in 0..nb {
             let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(xp.add(b * 32 + 8 * i)));
             let mut amax = _mm256_andnot_ps(sign, v[0]);
@@ -94,29 +129,48 @@ pub(crate) unsafe fn quantize_row_avx2(x: &[f32], q: &mut [i8], d: &mut [f32], s
             // cvtps rounds with MXCSR (nearest-even by default), as the scalar path.
             let qi: [__m256i; 4] =
                 std::array::from_fn(|i| _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vid)));
-            let total = _mm256_add_epi32(
-                _mm256_add_epi32(qi[0], qi[1]),
-                _mm256_add_epi32(qi[2], qi[3]),
-            );
-            let total = _mm_add_epi32(
-                _mm256_castsi256_si128(total),
-                _mm256_extracti128_si256::<1>(total),
-            );
-            let total = _mm_add_epi32(total, _mm_shuffle_epi32::<0b01_00_11_10>(total));
-            let sum = _mm_cvtsi128_si32(_mm_add_epi32(
-                total,
-                _mm_shuffle_epi32::<0b10_11_00_01>(total),
-            ));
-            let bytes = _mm256_packs_epi16(
-                _mm256_packs_epi32(qi[0], qi[1]),
-                _mm256_packs_epi32(qi[2], qi[3]),
-            );
-            _mm256_storeu_si256(
-                qp.add(b * 32) as *mut __m256i,
-                _mm256_permutevar8x32_epi32(bytes, order),
-            );
+            let sum = sum_i32x32(qi);
+            store_i8x32(qi, qp.add(b * 32));
             *d.get_unchecked_mut(b) = db;
             *s.get_unchecked_mut(b) = db * sum as f32;
+        }
+    }
+}
+
+/// What rounding `x` to (`q`, `d`) left over, rounded to int8 at the fixed scale `d / 256`,
+/// bit for bit as the scalar `quantize_residual_row`.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn quantize_residual_row_avx2(
+    x: &[f32],
+    (q, d): (&[i8], &[f32]),
+    (rq, rd, rs): (&mut [i8], &mut [f32], &mut [f32]),
+) {
+    let nb = x.len() / 32;
+    debug_assert!(q.len() >= nb * 32 && rq.len() >= nb * 32 && d.len() >= nb);
+    debug_assert!(rd.len() >= nb && rs.len() >= nb);
+    let (xp, qp, rp) = (x.as_ptr(), q.as_ptr(), rq.as_mut_ptr());
+    unsafe {
+        let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
+        for b in 0..nb {
+            let db = *d.get_unchecked(b);
+            let vd = _mm256_set1_ps(db);
+            let vid = _mm256_set1_ps(if db > 0.0 { 256.0 / db } else { 0.0 });
+            let qi: [__m256i; 4] = std::array::from_fn(|i| {
+                let main = _mm_loadl_epi64(qp.add(b * 32 + 8 * i) as *const __m128i);
+                let main = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(main));
+                // x − d·q as two roundings, like the scalar path (no fused multiply-add).
+                let rest = _mm256_sub_ps(
+                    _mm256_loadu_ps(xp.add(b * 32 + 8 * i)),
+                    _mm256_mul_ps(vd, main),
+                );
+                let r = _mm256_cvtps_epi32(_mm256_mul_ps(rest, vid));
+                _mm256_max_epi32(lo, _mm256_min_epi32(hi, r))
+            });
+            let sum = sum_i32x32(qi);
+            store_i8x32(qi, rp.add(b * 32));
+            let scale = db / 256.0;
+            *rd.get_unchecked_mut(b) = scale;
+            *rs.get_unchecked_mut(b) = scale * sum as f32;
         }
     }
 }
@@ -237,8 +291,7 @@ unsafe fn group16<const K: u8, const MX: usize>(
 }
 
 /// Half `h` (rows 8h..8h+8) of a group against `MX` activation rows on 256-bit registers,
-/// without VNNI: `maddubs` + `madd`. Q8_0 runs signed (|w| · sign(x, w)) so that the i16
-/// pair sums cannot saturate; Q4's nibbles cannot.
+/// without VNNI: `maddubs` + `madd`.
 #[inline(always)]
 unsafe fn group8_avx2<const K: u8, const MX: usize>(
     c0: *const u8,
@@ -249,64 +302,122 @@ unsafe fn group8_avx2<const K: u8, const MX: usize>(
     xs: [*const f32; MX],
 ) -> [__m256; MX] {
     unsafe {
-        let cb = chunk_bytes(K);
-        let so = lines(K) * 64;
+        let mut acc = [_mm256_setzero_ps(); MX];
+        for b in 0..nb {
+            let c = c0.add(b * chunk_bytes(K));
+            let sums = block_sums8::<K, MX>(c, h, b, xq);
+            for i in 0..MX {
+                let sf = _mm256_cvtepi32_ps(sums[i]);
+                acc[i] = scale_block8::<K>(c, h, sf, *xd[i].add(b), *xs[i].add(b), acc[i]);
+            }
+        }
+        acc
+    }
+}
+
+/// Block `b` of half `h` of a group (chunk at `c`) against `MX` activation rows, in integers:
+/// lane `r` of result `i` is Σ u·q of weight row 8h + r with activation row `i`. Q8_0 runs
+/// signed (|w| · sign(x, w)) so that the i16 pair sums cannot saturate; Q4's nibbles cannot.
+#[inline(always)]
+unsafe fn block_sums8<const K: u8, const MX: usize>(
+    c: *const u8,
+    h: usize,
+    b: usize,
+    xq: [*const i8; MX],
+) -> [__m256i; MX] {
+    unsafe {
         let nib = _mm256_set1_epi8(0x0f);
         let ones = _mm256_set1_epi16(1);
         let dot = |u: __m256i, x: __m256i| _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), ones);
-        let mut acc = [_mm256_setzero_ps(); MX];
-        for b in 0..nb {
-            let c = c0.add(b * cb);
-            let mut s = [_mm256_setzero_si256(); MX];
-            if K == KQ8_0 {
-                for j in 0..lines(K) {
-                    let w = _mm256_loadu_si256(c.add(j * 64 + 32 * h) as *const __m256i);
-                    let signed = _mm256_xor_si256(w, _mm256_set1_epi8(-128));
-                    let magnitude = _mm256_abs_epi8(signed);
-                    for i in 0..MX {
-                        let x = bcast4_256(xq[i].add(b * 32 + 4 * j));
-                        s[i] = _mm256_add_epi32(s[i], dot(magnitude, _mm256_sign_epi8(x, signed)));
-                    }
-                }
-            } else {
-                // A Q4 block's eight `maddubs` pair sums (each |·| ≤ 2·15·128) add up in 16
-                // bits without overflow (≤ 30720): one widening `madd` per block, not eight.
-                let mut s16 = [_mm256_setzero_si256(); MX];
-                for j in 0..lines(K) {
-                    let w = _mm256_loadu_si256(c.add(j * 64 + 32 * h) as *const __m256i);
-                    let lo = _mm256_and_si256(w, nib);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), nib);
-                    for i in 0..MX {
-                        let x = xq[i].add(b * 32 + 4 * j);
-                        let p = _mm256_add_epi16(
-                            _mm256_maddubs_epi16(lo, bcast4_256(x)),
-                            _mm256_maddubs_epi16(hi, bcast4_256(x.add(16))),
-                        );
-                        s16[i] = _mm256_add_epi16(s16[i], p);
-                    }
-                }
+        let mut s = [_mm256_setzero_si256(); MX];
+        if K == KQ8_0 {
+            for j in 0..lines(K) {
+                let w = _mm256_loadu_si256(c.add(j * 64 + 32 * h) as *const __m256i);
+                let signed = _mm256_xor_si256(w, _mm256_set1_epi8(-128));
+                let magnitude = _mm256_abs_epi8(signed);
                 for i in 0..MX {
-                    s[i] = _mm256_madd_epi16(s16[i], ones);
+                    let x = bcast4_256(xq[i].add(b * 32 + 4 * j));
+                    s[i] = _mm256_add_epi32(s[i], dot(magnitude, _mm256_sign_epi8(x, signed)));
                 }
             }
-            let d = _mm256_cvtph_ps(_mm_loadu_si128(c.add(so + 16 * h) as *const __m128i));
+        } else {
+            // A Q4 block's eight `maddubs` pair sums (each |·| ≤ 2·15·128) add up in 16
+            // bits without overflow (≤ 30720): one widening `madd` per block, not eight.
+            let mut s16 = [_mm256_setzero_si256(); MX];
+            for j in 0..lines(K) {
+                let w = _mm256_loadu_si256(c.add(j * 64 + 32 * h) as *const __m256i);
+                let lo = _mm256_and_si256(w, nib);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), nib);
+                for i in 0..MX {
+                    let x = xq[i].add(b * 32 + 4 * j);
+                    let p = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo, bcast4_256(x)),
+                        _mm256_maddubs_epi16(hi, bcast4_256(x.add(16))),
+                    );
+                    s16[i] = _mm256_add_epi16(s16[i], p);
+                }
+            }
             for i in 0..MX {
-                let sf = _mm256_cvtepi32_ps(s[i]);
-                let xdb = _mm256_set1_ps(*xd[i].add(b));
-                acc[i] = match K {
-                    KQ4_1 => {
-                        let mn = _mm256_cvtph_ps(_mm_loadu_si128(
-                            c.add(so + 32 + 16 * h) as *const __m128i
-                        ));
-                        let a = _mm256_fmadd_ps(_mm256_mul_ps(sf, xdb), d, acc[i]);
-                        _mm256_fmadd_ps(mn, _mm256_set1_ps(*xs[i].add(b)), a)
-                    }
-                    KQ4_0 => {
-                        let bias = _mm256_set1_ps(-8.0 * *xs[i].add(b));
-                        _mm256_fmadd_ps(_mm256_fmadd_ps(sf, xdb, bias), d, acc[i])
-                    }
-                    _ => _mm256_fmadd_ps(_mm256_mul_ps(sf, xdb), d, acc[i]),
-                };
+                s[i] = _mm256_madd_epi16(s16[i], ones);
+            }
+        }
+        s
+    }
+}
+
+/// `acc` plus block sums `sf` (of half `h` of the chunk at `c`) scaled to the weights' and the
+/// activations' values: the activation block's scale `xd` and sum `xs`.
+#[inline(always)]
+unsafe fn scale_block8<const K: u8>(
+    c: *const u8,
+    h: usize,
+    sf: __m256,
+    xd: f32,
+    xs: f32,
+    acc: __m256,
+) -> __m256 {
+    unsafe {
+        let so = lines(K) * 64;
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(c.add(so + 16 * h) as *const __m128i));
+        match K {
+            KQ4_1 => {
+                let mn =
+                    _mm256_cvtph_ps(_mm_loadu_si128(c.add(so + 32 + 16 * h) as *const __m128i));
+                let a = _mm256_fmadd_ps(_mm256_mul_ps(sf, _mm256_set1_ps(xd)), d, acc);
+                _mm256_fmadd_ps(mn, _mm256_set1_ps(xs), a)
+            }
+            KQ4_0 => {
+                let bias = _mm256_set1_ps(-8.0 * xs);
+                _mm256_fmadd_ps(_mm256_fmadd_ps(sf, _mm256_set1_ps(xd), bias), d, acc)
+            }
+            _ => _mm256_fmadd_ps(_mm256_mul_ps(sf, _mm256_set1_ps(xd)), d, acc),
+        }
+    }
+}
+
+/// [`group8_avx2`] for `T` tokens of precise activations: slots `0..T` hold their int8 rows,
+/// slots `T..2T` (`MX = 2T`) their residuals at exactly 1/256 of the main scale, so each
+/// token's two integer sums combine as `main · 256 + residual` before one conversion and one
+/// scaling (exact: |·| < 2²⁴ for Q4 blocks).
+#[inline(always)]
+unsafe fn group8_precise_avx2<const K: u8, const MX: usize, const T: usize>(
+    c0: *const u8,
+    h: usize,
+    nb: usize,
+    xq: [*const i8; MX],
+    xd: [*const f32; MX],
+    xs: [*const f32; MX],
+) -> [__m256; T] {
+    debug_assert_eq!(MX, 2 * T);
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); T];
+        for b in 0..nb {
+            let c = c0.add(b * chunk_bytes(K));
+            let sums = block_sums8::<K, MX>(c, h, b, xq);
+            for t in 0..T {
+                let sum = _mm256_add_epi32(_mm256_slli_epi32::<8>(sums[t]), sums[T + t]);
+                let (rd, xs) = (*xd[T + t].add(b), *xs[t].add(b) + *xs[T + t].add(b));
+                acc[t] = scale_block8::<K>(c, h, _mm256_cvtepi32_ps(sum), rd, xs, acc[t]);
             }
         }
         acc
@@ -389,8 +500,8 @@ unsafe fn gemv_kind_avx2<const K: u8, const MX: usize>(
 
 /// Rows `[r0, r1)` (`r0` a multiple of 16) of `out (m × rows)` from precise activations:
 /// `acts` rows `0..m` and their int8 residuals `m..2m` (see `quant_matmul_precise`). A token's
-/// two rows go through the weights side by side and their sums are added before the one store,
-/// so no `2m`-row product is written and summed afterwards (the same f32 additions).
+/// two rows go through the weights side by side and their integer block sums combine before
+/// one scaling and the one store: no `2m`-row product is written and summed afterwards.
 ///
 /// # Safety
 /// AVX2, FMA and F16C must be available; `out` must hold `m × w.rows` floats and no other
@@ -413,13 +524,14 @@ pub(crate) unsafe fn gemv_precise_avx2(
         r1: usize,
         out: *mut f32,
     ) {
+        // Two tokens per pass: three spilled accumulators to the stack and ran ~10% slower.
         let mut t0 = 0;
         while t0 < m {
             unsafe {
                 if m - t0 >= 2 {
-                    gemv_pairs_avx2::<K, 4>(w, acts, m, t0, r0, r1, out);
+                    gemv_tokens_avx2::<K, 4, 2>(w, acts, m, t0, r0, r1, out);
                 } else {
-                    gemv_pairs_avx2::<K, 2>(w, acts, m, t0, r0, r1, out);
+                    gemv_tokens_avx2::<K, 2, 1>(w, acts, m, t0, r0, r1, out);
                 }
             }
             t0 += 2;
@@ -434,9 +546,9 @@ pub(crate) unsafe fn gemv_precise_avx2(
     }
 }
 
-/// Tokens `t0..t0 + MX/2`, each as its (main, residual) pair of activation rows.
+/// Tokens `t0..t0 + T`, each as its (main, residual) pair of activation rows (`MX = 2T`).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn gemv_pairs_avx2<const K: u8, const MX: usize>(
+unsafe fn gemv_tokens_avx2<const K: u8, const MX: usize, const T: usize>(
     w: &QuantMatrix,
     acts: &QuantizedActs,
     m: usize,
@@ -446,15 +558,14 @@ unsafe fn gemv_pairs_avx2<const K: u8, const MX: usize>(
     out: *mut f32,
 ) {
     unsafe {
-        // Even slots: token t0 + i/2's row; odd slots: its residual, m rows further.
-        let (xq, xd, xs) = act_rows_at::<MX>(acts, |i| t0 + i / 2 + (i % 2) * m);
+        // Slots 0..T: the tokens' rows; T..2T: their residuals, m rows further.
+        let (xq, xd, xs) = act_rows_at::<MX>(acts, |i| t0 + i % T + (i / T) * m);
         let group_bytes = acts.nb * chunk_bytes(K);
         let mut r = r0;
         while r < r1 {
             let c0 = w.data.as_ptr().add((r / 16) * group_bytes);
-            let acc = group8_avx2::<K, MX>(c0, (r / 8) % 2, acts.nb, xq, xd, xs);
-            for t in 0..MX / 2 {
-                let sum = _mm256_add_ps(acc[2 * t], acc[2 * t + 1]);
+            let acc = group8_precise_avx2::<K, MX, T>(c0, (r / 8) % 2, acts.nb, xq, xd, xs);
+            for (t, sum) in acc.into_iter().enumerate() {
                 store_rows8(out.add((t0 + t) * w.rows + r), sum, r1 - r);
             }
             r += 8;
