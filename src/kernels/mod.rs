@@ -703,6 +703,12 @@ pub(crate) fn parallel_tasks(tasks: usize, f: impl Fn(usize) + Sync) {
     }
 }
 
+/// `f(i)` for `i` in `0..tasks` on the spinning kernel pool, each task taken by whichever thread
+/// is free: for a few dozen unequal tasks. Kernels called inside a task run on its thread.
+pub(crate) fn spinning_tasks(tasks: usize, f: impl Fn(usize) + Sync) {
+    pool::global().run(tasks, &f);
+}
+
 /// `f(start, end)` over contiguous chunks of `0..n` on the spinning kernel pool (as the decode
 /// matmuls), for per-token work between them; `work_per_item` in the same units as `par_ranges`
 /// (≈ bytes touched) keeps small jobs on the calling thread.

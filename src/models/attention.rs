@@ -435,6 +435,13 @@ fn causal_attention(
         .reshape((t, heads * head_dim))?)
 }
 
+thread_local! {
+    /// Scores and output rows of one [`prefill_attention_host`] task, kept by each thread
+    /// across tasks and calls (~150 KB).
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
 /// [`causal_attention`]'s product for a prompt chunk on the CPU in f32, without autograd: per kv
 /// head, scores = Q·Kᵀ and out = P·V through the packed f32 GEMM kernel, softmax in place over
 /// each query's visible keys. Candle's path spends more on the (heads·t × total) score tensors'
@@ -457,34 +464,44 @@ fn prefill_attention_host(
     // Query rows go in blocks, each against only the keys some row of it sees: causal (and
     // windowed) attention skips the masked part of Q·Kᵀ and P·V, about half of both.
     const BLOCK: usize = 64;
-    let mut scores = Vec::new();
-    let mut block = Vec::new();
+    let blocks = t.div_ceil(BLOCK);
+    let first = |pos: usize| shape.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+    // Keys [lo, hi) cover every row of block b.
+    let keys_of = |b: usize| (first(past + b * BLOCK), past + ((b + 1) * BLOCK).min(t));
+    let outp = crate::kernels::SendPtr(out.as_mut_ptr());
     for kvh in 0..kv_heads {
         let kh = &keys[kvh * total * head_dim..][..total * head_dim];
         let vh = &values[kvh * total * head_dim..][..total * head_dim];
-        for i0 in (0..t).step_by(BLOCK) {
-            let i1 = (i0 + BLOCK).min(t);
-            let first = |pos: usize| shape.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-            // Keys [lo, hi) cover every row of the block.
-            let (lo, hi) = (first(past + i0), past + i1);
-            let n = hi - lo;
-            let packed_keys = PackedMatrix::pack(&kh[lo * head_dim..hi * head_dim], n, head_dim);
-            let packed_values =
-                PackedMatrix::pack_transposed(&vh[lo * head_dim..hi * head_dim], head_dim, n);
-            let rows = i1 - i0;
-            scores.resize(rows * n, 0.0);
-            block.resize(rows * head_dim, 0.0);
-            for g in 0..group {
-                let h = kvh * group + g;
-                let qh = &q[(h * t + i0) * head_dim..(h * t + i1) * head_dim];
-                packed_matmul(&packed_keys, qh, rows, None, &mut scores);
-                let base = crate::kernels::SendPtr(scores.as_mut_ptr());
-                // ~20 flops per score: weigh each like 16 bytes.
-                crate::kernels::parallel_chunks(rows, n * 16, |r0, r1| {
-                    for r in r0..r1 {
-                        // SAFETY: rows r0..r1 of `scores` belong to this task.
-                        let row =
-                            unsafe { std::slice::from_raw_parts_mut(base.get().add(r * n), n) };
+        // Packed here, so that the tasks allocate nothing (memory a worker thread frees stays
+        // in its own allocator heap: ~10 MiB more at the peak).
+        let packed: Vec<_> = (0..blocks)
+            .map(|b| {
+                let ((lo, hi), n) = (keys_of(b), keys_of(b).1 - keys_of(b).0);
+                let (kb, vb) = (
+                    &kh[lo * head_dim..hi * head_dim],
+                    &vh[lo * head_dim..hi * head_dim],
+                );
+                (
+                    PackedMatrix::pack(kb, n, head_dim),
+                    PackedMatrix::pack_transposed(vb, head_dim, n),
+                )
+            })
+            .collect();
+        // One task per query block, the latest (most keys) first, its products on its own
+        // thread: a fork-join per product was ~200 per layer, most too short to split.
+        crate::kernels::spinning_tasks(blocks, |task| {
+            let b = blocks - 1 - task;
+            let (i0, i1) = (b * BLOCK, ((b + 1) * BLOCK).min(t));
+            let ((lo, hi), (packed_keys, packed_values)) = (keys_of(b), &packed[b]);
+            let (rows, n) = (i1 - i0, hi - lo);
+            SCRATCH.with_borrow_mut(|(scores, block)| {
+                scores.resize(rows * n, 0.0);
+                block.resize(rows * head_dim, 0.0);
+                for g in 0..group {
+                    let h = kvh * group + g;
+                    let qh = &q[(h * t + i0) * head_dim..(h * t + i1) * head_dim];
+                    packed_matmul(packed_keys, qh, rows, None, scores);
+                    for (r, row) in scores.chunks_exact_mut(n).enumerate() {
                         let pos = past + i0 + r;
                         let visible = &mut row[first(pos) - lo..=pos - lo];
                         visible.iter_mut().for_each(|s| *s *= shape.scale);
@@ -492,14 +509,22 @@ fn prefill_attention_host(
                         row[..first(pos) - lo].fill(0.0);
                         row[pos - lo + 1..].fill(0.0);
                     }
-                });
-                packed_matmul(&packed_values, &scores, rows, None, &mut block);
-                // out is (token, head, dim).
-                for (r, o) in block.chunks_exact(head_dim).enumerate() {
-                    out[((i0 + r) * heads + h) * head_dim..][..head_dim].copy_from_slice(o);
+                    packed_matmul(packed_values, scores, rows, None, block);
+                    // out is (token, head, dim).
+                    for (r, o) in block.chunks_exact(head_dim).enumerate() {
+                        // SAFETY: rows i0..i1 of head h belong to this task alone; `out`
+                        // outlives it.
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                outp.get().add(((i0 + r) * heads + h) * head_dim),
+                                head_dim,
+                            )
+                        };
+                        dst.copy_from_slice(o);
+                    }
                 }
-            }
-        }
+            });
+        });
     }
     Ok(Tensor::from_vec(out, (t, heads * head_dim), &Device::Cpu)?)
 }
