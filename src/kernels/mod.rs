@@ -821,11 +821,25 @@ fn streaming_cost_per_row(w: &QuantMatrix, act_rows: usize) -> usize {
 /// the dequantized weights to ~1e-5 relative (what `transformers` computes for a GGUF file), where
 /// plain int8 activations are off by ~1e-2 — enough to change a greedy answer.
 pub fn quant_matmul_precise(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32]) {
-    let (rows, cols) = (w.rows, w.cols);
+    quant_matmul_precise_many(&[*w], x, m, &mut [out]);
+}
+
+/// [`quant_matmul_precise`] of several matrices with the same input (a layer's q, k and v
+/// projections): `outs[i] (m × ws[i].rows) = x · ws[i]ᵀ`. The activations are quantized once and
+/// all the matrices' rows are one job for the pool, so small matrices (SmolLM2's k and v: 70 KB)
+/// are split over the threads too instead of each running on one.
+pub fn quant_matmul_precise_many(ws: &[QuantMatrix], x: &[f32], m: usize, outs: &mut [&mut [f32]]) {
+    assert_eq!(ws.len(), outs.len(), "one output per matrix");
+    let Some(cols) = ws.first().map(|w| w.cols) else {
+        return;
+    };
     assert_eq!(cols % 32, 0);
     assert!(x.len() >= m * cols, "x too short");
-    assert!(out.len() >= m * rows, "out too short");
-    if m == 0 || rows == 0 {
+    for (w, out) in ws.iter().zip(outs.iter()) {
+        assert_eq!(w.cols, cols, "matrices sharing an input have its width");
+        assert!(out.len() >= m * w.rows, "out too short");
+    }
+    if m == 0 {
         return;
     }
     let mut run = |acts: &mut QuantizedActs, product: &mut Vec<f32>| {
@@ -834,31 +848,47 @@ pub fn quant_matmul_precise(w: &QuantMatrix, x: &[f32], m: usize, out: &mut [f32
         if features().avx2 && !features().avx512 {
             // Each token's two rows summed inside the kernel: no 2m-row product to write and
             // add up (the same sums as below, combined in integers before the scaling).
-            let outp = SendPtr(out.as_mut_ptr());
-            let per_row = streaming_cost_per_row(w, 2 * m);
-            par_ranges(rows, GROUP, per_row, true, |r0, r1| {
-                // SAFETY: AVX2 detected; the range [r0, r1) of every output row is only
-                // written by this task.
-                unsafe { x86::gemv_precise_avx2(w, acts, m, r0, r1, outp.get()) };
+            // Every matrix's rows start at a group boundary of the joint row range.
+            let (mut starts, mut total) = (Vec::with_capacity(ws.len()), 0);
+            for w in ws {
+                starts.push(total);
+                total += w.rows.next_multiple_of(GROUP);
+            }
+            let outps: Vec<SendPtr> = outs.iter_mut().map(|o| SendPtr(o.as_mut_ptr())).collect();
+            let per_row = streaming_cost_per_row(&ws[0], 2 * m);
+            par_ranges(total, GROUP, per_row, true, |r0, r1| {
+                for ((w, &start), outp) in ws.iter().zip(&starts).zip(&outps) {
+                    let (lo, hi) = (r0.max(start), r1.min(start + w.rows));
+                    if lo < hi {
+                        // SAFETY: AVX2 detected; rows [lo, hi) of this matrix's output are only
+                        // written by this task.
+                        let (lo, hi) = (lo - start, hi - start);
+                        unsafe { x86::gemv_precise_avx2(w, acts, m, lo, hi, outp.get()) };
+                    }
+                }
             });
             return;
         }
-        product.resize(2 * m * rows, 0.0);
-        quant_matmul_q8(w, acts, 2 * m, product, None);
-        let (main, correction) = product.split_at(m * rows);
-        let outp = SendPtr(out.as_mut_ptr());
-        // Megabytes at a prefill: on the pool, like the product itself.
-        parallel_chunks(m * rows, 12, |start, end| {
-            // SAFETY: the chunks are disjoint pieces of `out`, which outlives the call.
-            let out = unsafe { std::slice::from_raw_parts_mut(outp.get().add(start), end - start) };
-            for ((o, a), b) in out
-                .iter_mut()
-                .zip(&main[start..end])
-                .zip(&correction[start..end])
-            {
-                *o = a + b;
-            }
-        });
+        for (w, out) in ws.iter().zip(outs.iter_mut()) {
+            let rows = w.rows;
+            product.resize(2 * m * rows, 0.0);
+            quant_matmul_q8(w, acts, 2 * m, product, None);
+            let (main, correction) = product.split_at(m * rows);
+            let outp = SendPtr(out.as_mut_ptr());
+            // Megabytes at a prefill: on the pool, like the product itself.
+            parallel_chunks(m * rows, 12, |start, end| {
+                // SAFETY: the chunks are disjoint pieces of `out`, which outlives the call.
+                let out =
+                    unsafe { std::slice::from_raw_parts_mut(outp.get().add(start), end - start) };
+                for ((o, a), b) in out
+                    .iter_mut()
+                    .zip(&main[start..end])
+                    .zip(&correction[start..end])
+                {
+                    *o = a + b;
+                }
+            });
+        }
     };
     let mut done = false;
     ACTS.with(|a| {

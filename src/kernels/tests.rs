@@ -432,3 +432,28 @@ fn vector_residual_quantization_matches_the_scalar_blocks() {
         assert_eq!(rs, want_s, "sums");
     }
 }
+
+#[test]
+fn precise_products_of_several_matrices_equal_one_at_a_time() {
+    // Row counts off the 16-row groups, so the matrices' joint range has gaps; enough work for
+    // the pool to split it into single groups.
+    let (m, cols) = (64, 256);
+    let mut rng = Rng(29);
+    let owned: Vec<QuantTensor> = [(40, QuantKind::Q4_1), (33, QuantKind::Q4_0), (16, QuantKind::Q8_0)]
+        .iter()
+        .map(|&(rows, kind)| {
+            let data = quantize(kind, &rng.vec(rows * cols, 1.0), rows, cols);
+            QuantTensor::from_gguf(kind, rows, cols, &data)
+        })
+        .collect();
+    let ws: Vec<QuantMatrix> = owned.iter().map(|w| w.matrix()).collect();
+    let x = rng.vec(m * cols, 1.0);
+    let mut together: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; m * w.rows]).collect();
+    let mut slices: Vec<&mut [f32]> = together.iter_mut().map(Vec::as_mut_slice).collect();
+    quant_matmul_precise_many(&ws, &x, m, &mut slices);
+    for (w, got) in ws.iter().zip(&together) {
+        let mut alone = vec![0.0; m * w.rows];
+        quant_matmul_precise(w, &x, m, &mut alone);
+        assert_eq!(got, &alone, "{:?} with {} rows", w.kind, w.rows);
+    }
+}

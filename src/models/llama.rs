@@ -194,8 +194,7 @@ struct Mlp {
 impl Mlp {
     /// SwiGLU: down(silu(gate(x)) * up(x)).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?;
-        let up = self.up_proj.forward(x)?;
+        let [gate, up] = Linear::forward_many([&self.gate_proj, &self.up_proj], x)?;
         self.down_proj.forward(&super::layers::swiglu(&gate, &up)?)
     }
 }
@@ -362,14 +361,8 @@ impl CausalLM for Llama {
                 window: self.window,
                 ..AttentionShape::new(attn.heads, attn.kv_heads, attn.head_dim)
             };
-            let attended = batch_attention(
-                &shape,
-                &attn.q_proj.forward(&h)?,
-                &attn.k_proj.forward(&h)?,
-                &attn.v_proj.forward(&h)?,
-                batch,
-                index,
-            )?;
+            let [q, k, v] = Linear::forward_many([&attn.q_proj, &attn.k_proj, &attn.v_proj], &h)?;
+            let attended = batch_attention(&shape, &q, &k, &v, batch, index)?;
             x = (x + attn.o_proj.forward(&attended)?)?;
             let h = layer.post_attention_layernorm.forward(&x)?;
             x = (x + layer.mlp.forward(&h)?)?;

@@ -203,6 +203,62 @@ impl Linear {
         Ok(y.reshape(out_shape(dims, self.out_features))?)
     }
 
+    /// `x` through several layers that all read it (a block's q, k and v projections). Where
+    /// all hold weights for our quantized kernels (no adapter, no autograd), one product call
+    /// quantizes `x` once and splits all their rows over the threads together
+    /// ([`kernels::quant_matmul_precise_many`]); otherwise each layer runs its own forward.
+    pub fn forward_many<const N: usize>(layers: [&Linear; N], x: &Tensor) -> Result<[Tensor; N]> {
+        let weights: Option<Vec<&QuantWeight>> = layers
+            .iter()
+            .map(|l| match &l.weight {
+                LinearWeight::Quant(q) if l.lora.is_none() => Some(q),
+                _ => None,
+            })
+            .collect();
+        let same_input = layers
+            .iter()
+            .all(|l| l.in_features == layers[0].in_features);
+        let outputs: Vec<Tensor> = match weights {
+            Some(weights) if same_input && !x.track_op() && x.device().is_cpu() => {
+                let dims = x.dims().to_vec();
+                let cols = layers[0].in_features;
+                let rows: usize = dims[..dims.len() - 1].iter().product();
+                let x2 = x
+                    .reshape((rows, cols))?
+                    .to_dtype(DType::F32)?
+                    .contiguous()?;
+                let mut outs: Vec<Vec<f32>> = layers
+                    .iter()
+                    .map(|l| vec![0f32; rows * l.out_features])
+                    .collect();
+                with_host_f32(&x2, |data| {
+                    let matrices: Vec<QuantMatrix> = weights.iter().map(|w| w.matrix()).collect();
+                    let mut slices: Vec<&mut [f32]> =
+                        outs.iter_mut().map(Vec::as_mut_slice).collect();
+                    kernels::quant_matmul_precise_many(
+                        &matrices,
+                        &data[..rows * cols],
+                        rows,
+                        &mut slices,
+                    )
+                })?;
+                layers
+                    .iter()
+                    .zip(outs)
+                    .map(|(l, out)| {
+                        let y = Tensor::from_vec(out, (rows, l.out_features), x.device())?;
+                        let y = l.add_bias(y.to_dtype(x.dtype())?)?;
+                        Ok(y.reshape(out_shape(dims.clone(), l.out_features))?)
+                    })
+                    .collect::<Result<_>>()?
+            }
+            _ => layers.iter().map(|l| l.forward(x)).collect::<Result<_>>()?,
+        };
+        Ok(outputs
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("one output per layer")))
+    }
+
     /// The stored weights' product, x2 (rows, in) -> (rows, out).
     fn frozen_forward(&self, x2: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
@@ -237,6 +293,11 @@ impl Linear {
                 });
             }
         };
+        self.add_bias(y)
+    }
+
+    /// `y` plus the layer's bias, if it has one.
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
         Ok(match &self.bias {
             // Training: one op each way instead of a broadcast and a one-thread reduction.
             Some(b)
