@@ -13,6 +13,17 @@ use wordloom::kernels::{
     quant_matmul_forced, quant_matmul_precise, reference, QuantKind, QuantTensor,
 };
 
+/// One SmolLM2-135M layer: q, k, v, o, gate, up, down (out × in).
+const SMOLLM2_LAYER: [(usize, usize); 7] = [
+    (576, 576),
+    (192, 576),
+    (192, 576),
+    (576, 576),
+    (1536, 576),
+    (1536, 576),
+    (576, 1536),
+];
+
 fn main() {
     if std::env::var_os("BENCH_GEMV_ONLY").is_some() {
         dense_gemv(&mut uniform(3));
@@ -38,16 +49,7 @@ fn main() {
         seed ^= seed << 17;
         (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
     };
-    // One SmolLM2 layer: q, k, v, o, gate, up, down (out × in).
-    let shapes = [
-        (576, 576),
-        (192, 576),
-        (192, 576),
-        (576, 576),
-        (1536, 576),
-        (1536, 576),
-        (576, 1536),
-    ];
+    let shapes = SMOLLM2_LAYER;
     for kind in [QuantKind::Q4_1, QuantKind::Q4_0, QuantKind::Q8_0] {
         let mut layers = Vec::new();
         let mut bytes = 0usize;
@@ -107,15 +109,7 @@ fn main() {
 /// The precise (two int8 rows per token) Q4_1 products of a 512-token prefill through one
 /// SmolLM2-shaped layer, in useful GFLOP/s (2 per weight and token).
 fn prefill(rand: &mut impl FnMut() -> f32) {
-    let shapes = [
-        (576, 576),
-        (192, 576),
-        (192, 576),
-        (576, 576),
-        (1536, 576),
-        (1536, 576),
-        (576, 1536),
-    ];
+    let shapes = SMOLLM2_LAYER;
     let kind = QuantKind::Q4_1;
     let layer: Vec<QuantTensor> = shapes
         .iter()
@@ -128,16 +122,11 @@ fn prefill(rand: &mut impl FnMut() -> f32) {
     let x: Vec<f32> = (0..m * 1536).map(|_| rand()).collect();
     let mut out = vec![0f32; m * 1536];
     let flops: usize = shapes.iter().map(|&(n, k)| 2 * m * n * k).sum();
-    let mut times = Vec::new();
-    for _ in 0..30 {
-        let t0 = Instant::now();
+    let (best, median) = best_and_median(30, || {
         for (w, &(rows, cols)) in layer.iter().zip(&shapes) {
             quant_matmul_precise(&w.matrix(), &x[..m * cols], m, &mut out[..m * rows]);
         }
-        times.push(t0.elapsed().as_secs_f64());
-    }
-    times.sort_by(f64::total_cmp);
-    let (best, median) = (times[0], times[times.len() / 2]);
+    });
     println!(
         "{kind:?} prefill (m={m}, precise): {:.1} GFLOP/s best, {:.1} median ({:.2} ms per layer, {} threads)",
         flops as f64 / best / 1e9,
@@ -145,6 +134,19 @@ fn prefill(rand: &mut impl FnMut() -> f32) {
         median * 1e3,
         rayon::current_num_threads()
     );
+}
+
+/// The fastest and the median of `repetitions` timed runs of `f`, in seconds.
+fn best_and_median(repetitions: usize, mut f: impl FnMut()) -> (f64, f64) {
+    let mut times: Vec<f64> = (0..repetitions)
+        .map(|_| {
+            let t0 = Instant::now();
+            f();
+            t0.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    (times[0], times[times.len() / 2])
 }
 
 /// Uniform values in [-0.5, 0.5) from a linear congruential generator.
@@ -179,16 +181,11 @@ fn dense_gemv(rand: &mut impl FnMut() -> f32) {
     let bytes: usize = shapes.iter().map(|&(n, k)| n * k * 4).sum();
     let x: Vec<f32> = (0..4 * d).map(|_| rand()).collect();
     let mut out = vec![0f32; 50257];
-    let mut times = Vec::new();
-    for _ in 0..20 {
-        let t0 = Instant::now();
+    let (best, median) = best_and_median(20, || {
         for (layer, &(n, k)) in layers.iter().zip(&shapes) {
             packed_matmul_forced(layer, &x[..k], 1, None, &mut out[..n], Some(false));
         }
-        times.push(t0.elapsed().as_secs_f64());
-    }
-    times.sort_by(f64::total_cmp);
-    let (best, median) = (times[0], times[times.len() / 2]);
+    });
     println!(
         "f32 decode (m=1): {:.1} GB/s best, {:.1} median ({:.2} ms per {:.0} MB pass, {} threads)",
         bytes as f64 / best / 1e9,

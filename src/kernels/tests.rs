@@ -439,13 +439,17 @@ fn precise_products_of_several_matrices_equal_one_at_a_time() {
     // the pool to split it into single groups.
     let (m, cols) = (64, 256);
     let mut rng = Rng(29);
-    let owned: Vec<QuantTensor> = [(40, QuantKind::Q4_1), (33, QuantKind::Q4_0), (16, QuantKind::Q8_0)]
-        .iter()
-        .map(|&(rows, kind)| {
-            let data = quantize(kind, &rng.vec(rows * cols, 1.0), rows, cols);
-            QuantTensor::from_gguf(kind, rows, cols, &data)
-        })
-        .collect();
+    let owned: Vec<QuantTensor> = [
+        (40, QuantKind::Q4_1),
+        (33, QuantKind::Q4_0),
+        (16, QuantKind::Q8_0),
+    ]
+    .iter()
+    .map(|&(rows, kind)| {
+        let data = quantize(kind, &rng.vec(rows * cols, 1.0), rows, cols);
+        QuantTensor::from_gguf(kind, rows, cols, &data)
+    })
+    .collect();
     let ws: Vec<QuantMatrix> = owned.iter().map(|w| w.matrix()).collect();
     let x = rng.vec(m * cols, 1.0);
     let mut together: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; m * w.rows]).collect();
