@@ -389,6 +389,8 @@ fn quantize_residual_row(x: &[f32], (q, d): (&[i8], &[f32]), residual: ActRow) {
     quantize_residual_row_scalar(x, (q, d), residual);
 }
 
+/// [`quantize_residual_row`] without vector instructions (and the reference its AVX2 version is
+/// tested against).
 pub(crate) fn quantize_residual_row_scalar(x: &[f32], (q, d): (&[i8], &[f32]), residual: ActRow) {
     let (rq, rd, rs) = residual;
     for (b, ((xb, qb), rb)) in x
@@ -871,6 +873,9 @@ pub fn quant_matmul_precise_many(ws: &[QuantMatrix], x: &[f32], m: usize, outs: 
         }
         for (w, out) in ws.iter().zip(outs.iter_mut()) {
             let rows = w.rows;
+            if rows == 0 {
+                continue;
+            }
             product.resize(2 * m * rows, 0.0);
             quant_matmul_q8(w, acts, 2 * m, product, None);
             let (main, correction) = product.split_at(m * rows);

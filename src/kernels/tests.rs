@@ -461,3 +461,12 @@ fn precise_products_of_several_matrices_equal_one_at_a_time() {
         assert_eq!(got, &alone, "{:?} with {} rows", w.kind, w.rows);
     }
 }
+
+#[test]
+fn precise_products_of_empty_matrices_write_nothing() {
+    let (m, cols) = (3, 64);
+    let data = quantize(QuantKind::Q4_1, &[], 0, cols);
+    let empty = QuantTensor::from_gguf(QuantKind::Q4_1, 0, cols, &data);
+    let x = Rng(5).vec(m * cols, 1.0);
+    quant_matmul_precise_many(&[empty.matrix()], &x, m, &mut [&mut []]);
+}
