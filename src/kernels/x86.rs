@@ -138,7 +138,7 @@ pub(crate) unsafe fn quantize_row_avx2(x: &[f32], q: &mut [i8], d: &mut [f32], s
 }
 
 /// What rounding `x` to (`q`, `d`) left over, rounded to int8 at the fixed scale `d / 256`,
-/// bit for bit as the scalar `quantize_residual_row`.
+/// bit for bit as `quantize_residual_row_scalar`.
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn quantize_residual_row_avx2(
     x: &[f32],

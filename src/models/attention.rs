@@ -476,7 +476,8 @@ fn prefill_attention_host(
         // in its own allocator heap (packing inside the tasks raised peak RSS by a few MiB).
         let packed: Vec<_> = (0..blocks)
             .map(|b| {
-                let ((lo, hi), n) = (keys_of(b), keys_of(b).1 - keys_of(b).0);
+                let (lo, hi) = keys_of(b);
+                let n = hi - lo;
                 let (kb, vb) = (
                     &kh[lo * head_dim..hi * head_dim],
                     &vh[lo * head_dim..hi * head_dim],

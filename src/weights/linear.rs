@@ -36,6 +36,16 @@ impl QuantWeight {
         })
     }
 
+    /// x (m, cols) through several matrices of that width at once: (m, rows) each
+    /// ([`kernels::quant_matmul_precise_many`]).
+    fn matmul_many(weights: &[&QuantWeight], x: &Tensor) -> Result<Vec<Tensor>> {
+        let out_cols: Vec<usize> = weights.iter().map(|w| w.0.rows()).collect();
+        cpu_matmuls(x, weights[0].0.cols(), &out_cols, |data, m, outs| {
+            let matrices: Vec<QuantMatrix> = weights.iter().map(|w| w.matrix()).collect();
+            kernels::quant_matmul_precise_many(&matrices, data, m, outs)
+        })
+    }
+
     /// Rows `ids` dequantized to f32: (n, cols).
     fn rows(&self, ids: &Tensor) -> Result<Tensor> {
         let matrix = self.matrix();
@@ -76,11 +86,28 @@ fn cpu_matmul(
     out_cols: usize,
     f: impl FnOnce(&[f32], usize, &mut [f32]),
 ) -> Result<Tensor> {
+    let mut outs = cpu_matmuls(x, cols, &[out_cols], |data, m, outs| f(data, m, outs[0]))?;
+    Ok(outs.remove(0))
+}
+
+/// [`cpu_matmul`] with several outputs, (m, out_cols[i]) each.
+fn cpu_matmuls(
+    x: &Tensor,
+    cols: usize,
+    out_cols: &[usize],
+    f: impl FnOnce(&[f32], usize, &mut [&mut [f32]]),
+) -> Result<Vec<Tensor>> {
     let x = x.to_dtype(DType::F32)?.contiguous()?;
     let m = x.dim(0)?;
-    let mut out = vec![0f32; m * out_cols];
-    with_host_f32(&x, |data| f(&data[..m * cols], m, &mut out))?;
-    Ok(Tensor::from_vec(out, (m, out_cols), x.device())?)
+    let mut outs: Vec<Vec<f32>> = out_cols.iter().map(|&n| vec![0f32; m * n]).collect();
+    with_host_f32(&x, |data| {
+        let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(Vec::as_mut_slice).collect();
+        f(&data[..m * cols], m, &mut slices)
+    })?;
+    outs.into_iter()
+        .zip(out_cols)
+        .map(|(out, &n)| Ok(Tensor::from_vec(out, (m, n), x.device())?))
+        .collect()
 }
 
 pub(crate) use crate::autograd::with_host_f32;
@@ -219,34 +246,15 @@ impl Linear {
             .iter()
             .all(|l| l.in_features == layers[0].in_features);
         let outputs: Vec<Tensor> = match weights {
-            Some(weights) if same_input && !x.track_op() && x.device().is_cpu() => {
+            Some(weights) if same_input && !x.track_op() => {
                 let dims = x.dims().to_vec();
-                let cols = layers[0].in_features;
                 let rows: usize = dims[..dims.len() - 1].iter().product();
-                let x2 = x
-                    .reshape((rows, cols))?
-                    .to_dtype(DType::F32)?
-                    .contiguous()?;
-                let mut outs: Vec<Vec<f32>> = layers
-                    .iter()
-                    .map(|l| vec![0f32; rows * l.out_features])
-                    .collect();
-                with_host_f32(&x2, |data| {
-                    let matrices: Vec<QuantMatrix> = weights.iter().map(|w| w.matrix()).collect();
-                    let mut slices: Vec<&mut [f32]> =
-                        outs.iter_mut().map(Vec::as_mut_slice).collect();
-                    kernels::quant_matmul_precise_many(
-                        &matrices,
-                        &data[..rows * cols],
-                        rows,
-                        &mut slices,
-                    )
-                })?;
+                let x2 = x.reshape((rows, layers[0].in_features))?;
+                let products = QuantWeight::matmul_many(&weights, &x2)?;
                 layers
                     .iter()
-                    .zip(outs)
-                    .map(|(l, out)| {
-                        let y = Tensor::from_vec(out, (rows, l.out_features), x.device())?;
+                    .zip(products)
+                    .map(|(l, y)| {
                         let y = l.add_bias(y.to_dtype(x.dtype())?)?;
                         Ok(y.reshape(out_shape(dims.clone(), l.out_features))?)
                     })
