@@ -13,6 +13,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, S
 
 use crate::error::Result;
 use crate::kernels::attention::{self, QkvShape};
+use crate::kernels::strided::{self, MatrixView};
 use crate::kernels::{self, activation, norm};
 
 /// Whether the fused ops run for `x`: f32 on the CPU.
@@ -237,70 +238,21 @@ impl CustomOp1 for GeluErf {
     }
 }
 
-/// A row-major or transposed view of a matrix in memory: element (r, c) at
-/// `ptr + r·row_stride + c·col_stride`.
-#[derive(Clone, Copy)]
-struct View {
-    ptr: *const f32,
-    row_stride: isize,
-    col_stride: isize,
-}
-
-impl View {
-    /// A row-major (rows × cols) matrix.
-    fn rows(values: &[f32], cols: usize) -> Self {
-        View {
-            ptr: values.as_ptr(),
-            row_stride: cols as isize,
-            col_stride: 1,
-        }
-    }
-
-    /// The transpose of a row-major matrix of `cols` columns.
-    fn transposed(values: &[f32], cols: usize) -> Self {
-        View {
-            ptr: values.as_ptr(),
-            row_stride: 1,
-            col_stride: cols as isize,
-        }
-    }
-}
-
 /// `out (m × n, row-major) [+]= a (m × k) · b (k × n)`: added to what `out` holds when
-/// `accumulate`, written over it otherwise.
-fn gemm(out: &mut [f32], m: usize, n: usize, k: usize, a: View, b: View, accumulate: bool) {
+/// `accumulate`, written over it otherwise; on rayon's pool.
+fn gemm(
+    out: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatrixView,
+    b: MatrixView,
+    accumulate: bool,
+) {
     assert!(out.len() >= m * n, "GEMM output too short");
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     // SAFETY: callers pass views of buffers holding the (m × k) and (k × n) operands; `out`
-    // holds m × n floats.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.ptr,
-            a.col_stride,
-            a.row_stride,
-            b.ptr,
-            b.col_stride,
-            b.row_stride,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
+    // holds m × n floats and is borrowed mutably.
+    unsafe { strided::matmul((m, n, k), out.as_mut_ptr(), n, a, b, 1.0, accumulate, true) }
 }
 
 struct Linear;
@@ -341,8 +293,8 @@ impl CustomOp3 for Linear {
             m,
             n,
             k,
-            View::rows(x, k),
-            View::transposed(w, k),
+            MatrixView::rows(x, k),
+            MatrixView::rows(w, k).t(),
             true,
         );
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
@@ -360,7 +312,15 @@ impl CustomOp3 for Linear {
         let (mut dx, mut dw) = (vec![0f32; m * k], vec![0f32; n * k]);
         let db = host(dy, |dy| {
             host(w, |w| {
-                gemm(&mut dx, m, k, n, View::rows(dy, n), View::rows(w, k), false)
+                gemm(
+                    &mut dx,
+                    m,
+                    k,
+                    n,
+                    MatrixView::rows(dy, n),
+                    MatrixView::rows(w, k),
+                    false,
+                )
             })?;
             host(x, |x| {
                 gemm(
@@ -368,8 +328,8 @@ impl CustomOp3 for Linear {
                     n,
                     k,
                     m,
-                    View::transposed(dy, n),
-                    View::rows(x, k),
+                    MatrixView::rows(dy, n).t(),
+                    MatrixView::rows(x, k),
                     false,
                 )
             })?;

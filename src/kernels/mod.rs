@@ -74,6 +74,7 @@ pub mod dense;
 pub mod norm;
 mod pool;
 mod scalar;
+pub mod strided;
 pub mod weight_memory;
 #[cfg(target_arch = "x86_64")]
 mod x86;

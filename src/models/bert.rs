@@ -590,8 +590,7 @@ impl Encoder {
             );
             return Ok(Tensor::from_vec(out, (b, t, h), qkv.device())?);
         }
-        if crate::autograd::supports(qkv) && hd <= crate::kernels::attention::MAX_TRAINING_HEAD_DIM
-        {
+        if crate::autograd::supports(qkv) {
             // Training on the CPU: one op forward and one backward (the same dropout mask).
             let site = DropoutSite::AttentionProbs(layer);
             let mask = self.dropout_mask(&[b, heads, t, t], site)?;
