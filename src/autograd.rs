@@ -133,7 +133,10 @@ pub fn bidirectional_attention(
 }
 
 /// The contiguous f32 elements of a custom op's input.
-fn input<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+pub(crate) fn input<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [f32]> {
     let (start, end) = layout
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg("fused op: input not contiguous".into()))?;
@@ -141,11 +144,11 @@ fn input<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'
 }
 
 /// `f` over the elements of a (made contiguous) tensor in a backward pass.
-fn host<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+pub(crate) fn host<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
     with_host_f32(&t.contiguous()?, f).map_err(|e| candle_core::Error::Msg(e.to_string()))
 }
 
-fn tensor(values: Vec<f32>, shape: &Shape) -> candle_core::Result<Tensor> {
+pub(crate) fn tensor(values: Vec<f32>, shape: &Shape) -> candle_core::Result<Tensor> {
     Tensor::from_vec(values, shape, &Device::Cpu)
 }
 
@@ -240,7 +243,7 @@ impl CustomOp1 for GeluErf {
 
 /// `out (m × n, row-major) [+]= a (m × k) · b (k × n)`: added to what `out` holds when
 /// `accumulate`, written over it otherwise; on rayon's pool.
-fn gemm(
+pub(crate) fn gemm(
     out: &mut [f32],
     m: usize,
     n: usize,
