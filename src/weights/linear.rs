@@ -698,8 +698,14 @@ fn dropout_values(n: usize, p: f32, seed: u64) -> Vec<f32> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let keep = 1.0 / (1.0 - p);
-    (0..n)
-        .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+    // An element is dropped when its uniform 32-bit draw falls under p·2³². Drawn in one block
+    // and compared in a loop that vectorises: one f32 draw at a time was 5% of a LoRA SFT step.
+    let threshold = (f64::from(p) * 4_294_967_296.0) as u64;
+    let mut draws = vec![0u32; n];
+    rng.fill(&mut draws[..]);
+    draws
+        .iter()
+        .map(|&d| if u64::from(d) < threshold { 0.0 } else { keep })
         .collect()
 }
 
