@@ -85,6 +85,17 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result
         .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, LayerNorm { eps })?)
 }
 
+/// RMSNorm over the last dimension (Llama's), weight `gamma`.
+pub fn rms_norm(x: &Tensor, gamma: &Tensor, eps: f32) -> Result<Tensor> {
+    Ok(x.contiguous()?
+        .apply_op2(&gamma.contiguous()?, RmsNorm { eps })?)
+}
+
+/// SwiGLU's gating `silu(gate) · up` (gate and up of one shape).
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)?)
+}
+
 /// Exact (erf) GELU.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(GeluErf)?)
@@ -211,6 +222,127 @@ impl CustomOp3 for LayerNorm {
             Some(tensor(dx, x.shape())?),
             Some(tensor(dgamma, gamma.shape())?),
             Some(tensor(dbeta, beta.shape())?),
+        ))
+    }
+}
+
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        gamma: &CpuStorage,
+        gamma_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, gamma) = (input(x, x_layout)?, input(gamma, gamma_layout)?);
+        if gamma.is_empty() || x.len() % gamma.len() != 0 {
+            return Err(candle_core::Error::Msg(format!(
+                "RMSNorm of size {} over {:?}",
+                gamma.len(),
+                x_layout.shape()
+            )));
+        }
+        let mut out = vec![0f32; x.len()];
+        norm::rms_norm(x, gamma, self.eps, &mut out);
+        Ok((CpuStorage::F32(out), x_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let mut dx = vec![0f32; x.elem_count()];
+        let dgamma = host(x, |x| {
+            host(gamma, |gamma| {
+                host(dy, |dy| {
+                    norm::rms_norm_backward(x, gamma, self.eps, dy, &mut dx)
+                })
+            })
+        })???;
+        Ok((
+            Some(tensor(dx, x.shape())?),
+            Some(tensor(dgamma, gamma.shape())?),
+        ))
+    }
+}
+
+/// `silu(gate) · up`: as candle ops a libm exponential per element, a product, and a
+/// composite backward of five more passes.
+struct SwiGlu;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gate: &CpuStorage,
+        gate_layout: &Layout,
+        up: &CpuStorage,
+        up_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (gate, up) = (input(gate, gate_layout)?, input(up, up_layout)?);
+        if gate.len() != up.len() {
+            return Err(candle_core::Error::Msg(format!(
+                "SwiGLU: gate {:?} and up {:?} differ",
+                gate_layout.shape(),
+                up_layout.shape()
+            )));
+        }
+        let mut out = gate.to_vec();
+        kernels::parallel_rows(&mut out, 1, ELEMENTS_PER_TASK, |start, end, values| {
+            activation::silu_mul_serial(values, Some(&up[start..end]))
+        });
+        Ok((CpuStorage::F32(out), gate_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // With s = silu(g) = g·σ(g): d/dg = u·(σ + s·(1 − σ)), d/du = s; σ = s / g (½ at 0).
+        let mut d_gate = vec![0f32; gate.elem_count()];
+        let mut d_up = vec![0f32; gate.elem_count()];
+        let d_up_ptr = kernels::SendPtr(d_up.as_mut_ptr());
+        host(gate, |g| {
+            host(up, |u| {
+                host(dy, |dy| {
+                    kernels::parallel_rows(&mut d_gate, 1, ELEMENTS_PER_TASK, |start, end, dg| {
+                        let mut silu = g[start..end].to_vec();
+                        activation::silu_mul_serial(&mut silu, None);
+                        // SAFETY: this task's range of d_up, which outlives the call.
+                        let du = unsafe {
+                            std::slice::from_raw_parts_mut(d_up_ptr.get().add(start), end - start)
+                        };
+                        let (g, u, dy) = (&g[start..end], &u[start..end], &dy[start..end]);
+                        for i in 0..dg.len() {
+                            let s = silu[i];
+                            let sigmoid = if g[i] == 0.0 { 0.5 } else { s / g[i] };
+                            dg[i] = dy[i] * u[i] * (sigmoid + s * (1.0 - sigmoid));
+                            du[i] = dy[i] * s;
+                        }
+                    })
+                })
+            })
+        })???;
+        Ok((
+            Some(tensor(d_gate, gate.shape())?),
+            Some(tensor(d_up, up.shape())?),
         ))
     }
 }
@@ -538,6 +670,33 @@ mod tests {
             &[x],
             |t| gelu_erf(&(&t[0] * 3.0).unwrap()).unwrap(),
             |t| (&t[0] * 3.0).unwrap().gelu_erf().unwrap(),
+        );
+    }
+
+    #[test]
+    fn rms_norm_and_swiglu_match_candle() {
+        // 40 columns (lanes and a tail); the gate scaled so silu meets large and small values,
+        // and one exact zero (σ taken as ½ there).
+        let (x, gamma) = (var(&[3, 5, 40], 0.0), var(&[40], 1.0));
+        gradients(
+            &[x.clone(), gamma],
+            |t| rms_norm(&t[0], &t[1], 1e-5).unwrap(),
+            |t| candle_nn::ops::rms_norm_slow(&t[0], &t[1], 1e-5).unwrap(),
+        );
+        let gate = Var::from_tensor(
+            &(x.as_tensor() * 6.0)
+                .unwrap()
+                .slice_assign(
+                    &[0..1, 0..1, 0..1],
+                    &Tensor::zeros((1, 1, 1), candle_core::DType::F32, &Device::Cpu).unwrap(),
+                )
+                .unwrap(),
+        )
+        .unwrap();
+        gradients(
+            &[gate, var(&[3, 5, 40], 2.0)],
+            |t| swiglu(&t[0], &t[1]).unwrap(),
+            |t| (candle_nn::ops::silu(&t[0]).unwrap() * &t[1]).unwrap(),
         );
     }
 

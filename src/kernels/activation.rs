@@ -83,7 +83,7 @@ pub fn silu_mul_inplace(gate: &mut [f32], up: &[f32]) {
 }
 
 /// `gate ← silu(gate) (· up)` on the calling thread.
-fn silu_mul_serial(gate: &mut [f32], up: Option<&[f32]>) {
+pub(crate) fn silu_mul_serial(gate: &mut [f32], up: Option<&[f32]>) {
     #[cfg(target_arch = "x86_64")]
     if super::features().avx512 {
         // SAFETY: AVX-512F detected; `up`, where given, is as long as `gate`.

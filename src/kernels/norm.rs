@@ -180,22 +180,26 @@ fn backward_rows_portable(
     let (dgamma, dbeta) = sums.split_at_mut(h);
     let rows = x.chunks_exact(h).zip(dy.chunks_exact(h));
     for ((x, dy), dx) in rows.zip(dx.chunks_exact_mut(h)) {
-        backward_row(x, gamma, eps, dy, dx, dgamma, dbeta);
+        let statistics = row_statistics(x, eps);
+        backward_row::<true>(x, gamma, statistics, dy, dx, dgamma, dbeta);
     }
 }
 
+/// One row of a norm's backward pass given the row's mean (0 for RMSNorm) and 1/scale r: dx
+/// written, dgamma (and dbeta when `CENTRED`) added to. With x̂ = (x − mean)·r and
+/// g = dy·gamma, dx = r·(g − mean(g) − x̂·mean(g·x̂)) for LayerNorm and r·(g − x̂·mean(g·x̂))
+/// for RMSNorm (no centring).
 #[inline(always)]
-fn backward_row(
+fn backward_row<const CENTRED: bool>(
     x: &[f32],
     gamma: &[f32],
-    eps: f32,
+    (mean, inverse): (f32, f32),
     dy: &[f32],
     dx: &mut [f32],
     dgamma: &mut [f32],
     dbeta: &mut [f32],
 ) {
     let h = x.len();
-    let (mean, inverse) = row_statistics(x, eps);
     // dx holds x̂ until the row's means are known; the sums in LANES lanes (then the tail).
     let (mut g_lanes, mut gx_lanes) = ([0f32; LANES], [0f32; LANES]);
     let mut step = |k: usize, lane: usize| {
@@ -204,7 +208,9 @@ fn backward_row(
         g_lanes[lane] += g;
         gx_lanes[lane] += g * normed;
         dgamma[k] += dy[k] * normed;
-        dbeta[k] += dy[k];
+        if CENTRED {
+            dbeta[k] += dy[k];
+        }
         dx[k] = normed;
     };
     let whole = h / LANES * LANES;
@@ -216,10 +222,114 @@ fn backward_row(
     for k in whole..h {
         step(k, 0);
     }
-    let mean_g = g_lanes.iter().sum::<f32>() / h as f32;
+    let mean_g = if CENTRED {
+        g_lanes.iter().sum::<f32>() / h as f32
+    } else {
+        0.0
+    };
     let mean_gx = gx_lanes.iter().sum::<f32>() / h as f32;
     for k in 0..h {
         dx[k] = inverse * (dy[k] * gamma[k] - mean_g - dx[k] * mean_gx);
+    }
+}
+
+/// Training's RMSNorm (Llama's): `out = x·r·gamma` per row of `gamma.len()`, with
+/// r = 1 / √(mean(x²) + eps); on rayon's pool as [`layer_norm`].
+pub fn rms_norm(x: &[f32], gamma: &[f32], eps: f32, out: &mut [f32]) {
+    let h = gamma.len();
+    assert!(
+        h > 0 && x.len().is_multiple_of(h),
+        "rows of the RMSNorm size"
+    );
+    assert_eq!(out.len(), x.len(), "RMSNorm shapes");
+    super::parallel_rows(out, h, TRAINING_ROWS, |r0, r1, out| {
+        rms_rows(&x[r0 * h..r1 * h], gamma, eps, out)
+    });
+}
+
+with_avx2! {
+    fn rms_rows(x: &[f32], gamma: &[f32], eps: f32, out: &mut [f32]) = rms_rows_portable
+}
+
+#[inline(always)]
+fn rms_rows_portable(x: &[f32], gamma: &[f32], eps: f32, out: &mut [f32]) {
+    let h = gamma.len();
+    for (row, y) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
+        let inverse = rms_inverse(row, eps);
+        for ((y, v), g) in y.iter_mut().zip(row).zip(gamma) {
+            *y = v * inverse * g;
+        }
+    }
+}
+
+/// 1 / √(mean(x²) + eps) of a row, the squares summed in LANES lanes.
+#[inline(always)]
+fn rms_inverse(x: &[f32], eps: f32) -> f32 {
+    let whole = x.len() / LANES * LANES;
+    let mut lanes = [0f32; LANES];
+    for xc in x[..whole].chunks_exact(LANES) {
+        for i in 0..LANES {
+            lanes[i] += xc[i] * xc[i];
+        }
+    }
+    let squares = lanes.iter().sum::<f32>() + x[whole..].iter().map(|v| v * v).sum::<f32>();
+    1.0 / (squares / x.len() as f32 + eps).sqrt()
+}
+
+/// Gradients of [`rms_norm`] given the output's gradient `dy`: `dx` is written and dgamma
+/// returned. With x̂ = x·r and g = dy·gamma, per row dx = r·(g − x̂·mean(g·x̂)) (LayerNorm's
+/// without the centring terms); dgamma = Σ dy·x̂ over rows.
+pub fn rms_norm_backward(
+    x: &[f32],
+    gamma: &[f32],
+    eps: f32,
+    dy: &[f32],
+    dx: &mut [f32],
+) -> Vec<f32> {
+    let h = gamma.len();
+    assert!(
+        h > 0 && x.len().is_multiple_of(h),
+        "rows of the RMSNorm size"
+    );
+    assert_eq!(
+        (dy.len(), dx.len()),
+        (x.len(), x.len()),
+        "RMSNorm gradient shapes"
+    );
+    let dxp = super::SendPtr(dx.as_mut_ptr());
+    super::chunked_sums(x.len() / h, TRAINING_ROWS, h, |r0, r1, dgamma| {
+        // SAFETY: rows r0..r1 of dx belong to this chunk; dx outlives the call.
+        let dx = unsafe { std::slice::from_raw_parts_mut(dxp.get().add(r0 * h), (r1 - r0) * h) };
+        rms_backward_rows(
+            &x[r0 * h..r1 * h],
+            gamma,
+            eps,
+            &dy[r0 * h..r1 * h],
+            dx,
+            dgamma,
+        )
+    })
+}
+
+with_avx2! {
+    /// Rows of [`rms_norm_backward`]; dgamma to add to.
+    fn rms_backward_rows(x: &[f32], gamma: &[f32], eps: f32, dy: &[f32], dx: &mut [f32], dgamma: &mut [f32]) = rms_backward_rows_portable
+}
+
+#[inline(always)]
+fn rms_backward_rows_portable(
+    x: &[f32],
+    gamma: &[f32],
+    eps: f32,
+    dy: &[f32],
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+) {
+    let h = gamma.len();
+    let rows = x.chunks_exact(h).zip(dy.chunks_exact(h));
+    for ((x, dy), dx) in rows.zip(dx.chunks_exact_mut(h)) {
+        let statistics = (0.0, rms_inverse(x, eps));
+        backward_row::<false>(x, gamma, statistics, dy, dx, dgamma, &mut []);
     }
 }
 
@@ -273,6 +383,62 @@ mod tests {
                 loss(&x, &gamma, &b)
             });
             assert!((dbeta[i] as f64 - want).abs() < 2e-3, "dbeta[{i}]");
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_its_definition_and_finite_differences() {
+        // 40 columns: whole lanes and a tail.
+        let (h, rows, eps) = (40, 5, 1e-5f32);
+        let value = |i: usize| ((i * 7919) % 97) as f32 / 97.0 - 0.5;
+        let x: Vec<f32> = (0..h * rows).map(|i| 3.0 * value(i) + 0.5).collect();
+        let gamma: Vec<f32> = (0..h).map(|i| 1.0 + value(i + 11)).collect();
+        let dy: Vec<f32> = (0..h * rows).map(|i| value(i + 31)).collect();
+        let reference = |x: &[f32], gamma: &[f32]| -> Vec<f64> {
+            x.chunks_exact(h)
+                .flat_map(|row| {
+                    let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / h as f64;
+                    let r = 1.0 / (ms + eps as f64).sqrt();
+                    row.iter()
+                        .zip(gamma)
+                        .map(move |(&v, &g)| v as f64 * r * g as f64)
+                })
+                .collect()
+        };
+        let mut out = vec![0f32; x.len()];
+        rms_norm(&x, &gamma, eps, &mut out);
+        for (got, want) in out.iter().zip(reference(&x, &gamma)) {
+            assert!((*got as f64 - want).abs() < 1e-5, "{got} vs {want}");
+        }
+        let loss = |x: &[f32], gamma: &[f32]| -> f64 {
+            reference(x, gamma)
+                .iter()
+                .zip(&dy)
+                .map(|(y, d)| y * *d as f64)
+                .sum()
+        };
+        let mut dx = vec![f32::NAN; x.len()];
+        let dgamma = rms_norm_backward(&x, &gamma, eps, &dy, &mut dx);
+        let numeric = |f: &dyn Fn(f32) -> f64| (f(1e-2) - f(-1e-2)) / 2e-2;
+        for i in (0..x.len()).step_by(7) {
+            let want = numeric(&|d| {
+                let mut x = x.clone();
+                x[i] += d;
+                loss(&x, &gamma)
+            });
+            assert!(
+                (dx[i] as f64 - want).abs() < 2e-3,
+                "dx[{i}] {} vs {want}",
+                dx[i]
+            );
+        }
+        for i in [0, 17, 39] {
+            let want = numeric(&|d| {
+                let mut g = gamma.clone();
+                g[i] += d;
+                loss(&x, &g)
+            });
+            assert!((dgamma[i] as f64 - want).abs() < 2e-3, "dgamma[{i}]");
         }
     }
 

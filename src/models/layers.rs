@@ -135,8 +135,8 @@ impl Activation {
     }
 }
 
-/// SwiGLU's gating, `silu(gate) · up`: one host pass at inference, candle's ops (which carry
-/// gradients) otherwise.
+/// SwiGLU's gating, `silu(gate) · up`: one host pass at inference, our op with its backward
+/// pass in training on the CPU, candle's ops (which carry gradients) otherwise.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if host_f32(gate) && host_f32(up) && gate.shape() == up.shape() {
         let mut values = gate.flatten_all()?.to_vec1::<f32>()?;
@@ -145,6 +145,13 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
             activation::silu_mul_inplace(&mut values, up)
         })?;
         return Ok(Tensor::from_vec(values, gate.shape(), gate.device())?);
+    }
+    if (gate.track_op() || up.track_op())
+        && autograd::supports(gate)
+        && autograd::supports(up)
+        && gate.shape() == up.shape()
+    {
+        return autograd::swiglu(gate, up);
     }
     Ok((candle_nn::ops::silu(gate)? * up)?)
 }

@@ -167,8 +167,11 @@ impl RmsNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // The fused kernel has no backward pass; training takes the composite one.
+        // candle's fused kernel has no backward pass: training takes ours, or the composite.
         if x.track_op() || self.weight.track_op() {
+            if crate::autograd::supports(x) && crate::autograd::supports(&self.weight) {
+                return crate::autograd::rms_norm(x, &self.weight, self.eps);
+            }
             return Ok(candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)?);
         }
         Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
