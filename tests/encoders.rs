@@ -5,7 +5,7 @@ mod common;
 
 use common::{fixture, floats, ids, max_abs_diff, read_json};
 use serde_json::Value;
-use wordloom::models::bert::EncoderInput;
+use wordloom::models::bert::{EncoderInput, Positions};
 use wordloom::tasks::classify::{classify, zero_shot, ZeroShotOptions};
 use wordloom::tasks::embed::{cosine, Embedder};
 use wordloom::tasks::encoder::EncoderModel;
@@ -217,6 +217,21 @@ fn tokenizers_hidden_states_and_heads_match_transformers() {
                 &format!("{name} batched head {i}"),
                 &head_output(&model, &hidden, i, len),
                 &head_ref,
+            );
+        }
+
+        // The pass that computes the last layer for first tokens only gives their full-pass rows.
+        let first = model
+            .encoder
+            .forward_positions(&inputs, Positions::FirstOnly)
+            .unwrap();
+        assert_eq!(first.dims3().unwrap(), (inputs.len(), 1, width));
+        let first = rows_of(&first);
+        for i in 0..inputs.len() {
+            assert_close(
+                &format!("{name} first token of {i}"),
+                &first[i * width..(i + 1) * width],
+                &flat[i * t * width..i * t * width + width],
             );
         }
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use common::{fixture, read_json};
-use wordloom::models::bert::{Encoder, EncoderConfig, EncoderInput};
+use wordloom::models::bert::{Encoder, EncoderConfig, EncoderInput, Positions};
 use wordloom::train::{self, AdamW, AdamWConfig, Precision, Schedule, Task};
 use wordloom::weights::{Parameters, WeightStore};
 
@@ -48,12 +48,12 @@ fn loss(
     config: &EncoderConfig,
     inputs: &[EncoderInput],
     labels: &Tensor,
+    outputs: Positions,
 ) -> Tensor {
     let store = WeightStore::Trainable(params.clone());
     let model = Encoder::from_weights(config.clone(), &store, DType::F32, &Device::Cpu).unwrap();
-    let logits = model
-        .sequence_logits(&model.forward(inputs).unwrap())
-        .unwrap();
+    let hidden = model.forward_positions(inputs, outputs).unwrap();
+    let logits = model.sequence_logits(&hidden).unwrap();
     candle_nn::loss::cross_entropy(&logits, labels).unwrap()
 }
 
@@ -73,8 +73,15 @@ fn values(t: &Tensor) -> Vec<f32> {
 
 #[test]
 fn gradients_of_a_classifier_batch_match_pytorch() {
+    // Training computes the last layer for first tokens only; the full pass must agree too.
+    for outputs in [Positions::FirstOnly, Positions::All] {
+        gradients_match_pytorch(outputs);
+    }
+}
+
+fn gradients_match_pytorch(outputs: Positions) {
     let (params, config, inputs, labels) = setup();
-    let loss = loss(&params, &config, &inputs, &labels);
+    let loss = loss(&params, &config, &inputs, &labels, outputs);
     let reference = read_json(&format!("{DIR}/reference.json"));
     let expected = reference["loss"].as_f64().unwrap() as f32;
     let got = loss.to_scalar::<f32>().unwrap();
@@ -105,9 +112,10 @@ fn loss_with_dropout(config: &EncoderConfig, seed: Option<u64>) -> f32 {
     if let Some(seed) = seed {
         model = model.with_training_dropout(seed);
     }
-    let logits = model
-        .sequence_logits(&model.forward(&inputs).unwrap())
+    let hidden = model
+        .forward_positions(&inputs, Positions::FirstOnly)
         .unwrap();
+    let logits = model.sequence_logits(&hidden).unwrap();
     let loss = candle_nn::loss::cross_entropy(&logits, &labels).unwrap();
     loss.to_scalar::<f32>().unwrap()
 }
@@ -157,7 +165,7 @@ fn training_dropout_follows_the_config_and_its_seed() {
 #[test]
 fn adamw_with_clipping_and_weight_decay_matches_torch() {
     let (params, config, inputs, labels) = setup();
-    loss(&params, &config, &inputs, &labels); // builds the model, registering its parameters
+    loss(&params, &config, &inputs, &labels, Positions::All); // builds the model, registering its parameters
     let vars = params.vars();
     let mut optimizer = AdamW::new(AdamWConfig {
         weight_decay: 0.01,
@@ -179,7 +187,7 @@ fn adamw_with_clipping_and_weight_decay_matches_torch() {
         );
     }
     // Step 2 end to end: our forward and backward at the new weights, the moments carried over.
-    let loss = loss(&params, &config, &inputs, &labels);
+    let loss = loss(&params, &config, &inputs, &labels, Positions::FirstOnly);
     assert!((loss.to_scalar::<f32>().unwrap() - 0.4975286).abs() < 1e-4);
     let mut grads = train::collect_gradients(&vars, &loss.backward().unwrap()).unwrap();
     train::apply_gradients(&vars, &mut grads, &mut optimizer, 1e-3, Some(1.0)).unwrap();

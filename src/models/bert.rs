@@ -136,6 +136,14 @@ struct Embeddings {
     norm: LayerNorm,
 }
 
+/// The positions whose last hidden states an encoder pass returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Positions {
+    All,
+    /// Only each sequence's first token (what sequence heads read).
+    FirstOnly,
+}
+
 struct Block {
     /// Query, key and value projections fused into one (hidden → 3 × hidden) matmul.
     qkv: Linear,
@@ -416,7 +424,12 @@ impl Encoder {
 
     /// `x` with dropout applied at `site` while training; `x` itself otherwise.
     fn dropout(&self, x: Tensor, site: DropoutSite) -> Result<Tensor> {
-        match self.dropout_mask(x.dims(), site)? {
+        let mask = self.dropout_mask(x.dims(), site)?;
+        self.apply_dropout(x, mask)
+    }
+
+    fn apply_dropout(&self, x: Tensor, mask: Option<Tensor>) -> Result<Tensor> {
+        match mask {
             Some(mask) => Ok((x * mask.to_dtype(self.dtype)?.to_device(&self.device)?)?),
             None => Ok(x),
         }
@@ -459,6 +472,16 @@ impl Encoder {
     /// Last hidden states (batch, max_len, hidden) of right-padded inputs; rows past an input's
     /// length are padding and meaningless.
     pub fn forward(&self, inputs: &[EncoderInput]) -> Result<Tensor> {
+        self.forward_positions(inputs, Positions::All)
+    }
+
+    /// [`Self::forward`] for the positions wanted: with [`Positions::FirstOnly`], (batch, 1,
+    /// hidden), the first token's state, all a sequence head reads. The last layer still
+    /// attends over every position (its keys and values need them all), but its output
+    /// projection and feed-forward run for the first token only, which skips five sixths of that
+    /// layer's products: the same values as the first row of `forward`, and in training the
+    /// same gradients (the other rows never reach the loss).
+    pub fn forward_positions(&self, inputs: &[EncoderInput], outputs: Positions) -> Result<Tensor> {
         let (ids, type_ids, positions, mask_bias) = self.pack(inputs)?;
         let lengths: Vec<usize> = inputs.iter().map(|i| i.ids.len()).collect();
         let (b, t) = ids.dims2()?;
@@ -483,10 +506,19 @@ impl Encoder {
         }
         x = self.dropout(e.norm.forward(&x)?, DropoutSite::Embeddings)?;
         if self.runs_on_host(&x) {
-            return crate::kernels::on_kernel_pool(|| self.blocks_on_host(&x, &lengths));
+            return crate::kernels::on_kernel_pool(|| self.blocks_on_host(&x, &lengths, outputs));
         }
+        let layers = self.blocks.len();
         for (layer, block) in self.blocks.iter().enumerate() {
-            x = self.block(block, layer, &x, &lengths, mask_bias.as_ref())?;
+            let rows = if layer + 1 == layers {
+                outputs
+            } else {
+                Positions::All
+            };
+            x = self.block(block, layer, &x, &lengths, mask_bias.as_ref(), rows)?;
+        }
+        if outputs == Positions::FirstOnly && x.dim(1)? > 1 {
+            x = x.narrow(1, 0, 1)?; // a model without layers
         }
         Ok(x)
     }
@@ -498,17 +530,33 @@ impl Encoder {
         x: &Tensor,
         lengths: &[usize],
         mask_bias: Option<&Tensor>,
+        positions: Positions,
     ) -> Result<Tensor> {
         let qkv = block.qkv.forward(x)?;
-        let context = self.attention(&qkv, layer, lengths, mask_bias)?;
+        let mut context = self.attention(&qkv, layer, lengths, mask_bias)?;
+        // Masks are drawn for every position and cut to the rows kept, so that computing the
+        // first tokens only keeps their draws (and the training run) unchanged.
+        let all_positions = x.dims().to_vec();
+        let dropout = |y: Tensor, site: DropoutSite| -> Result<Tensor> {
+            let mask = match self.dropout_mask(&all_positions, site)? {
+                Some(mask) => Some(mask.narrow(1, 0, y.dim(1)?)?),
+                None => None,
+            };
+            self.apply_dropout(y, mask)
+        };
+        let mut x = x.clone();
+        if positions == Positions::FirstOnly {
+            context = context.narrow(1, 0, 1)?;
+            x = x.narrow(1, 0, 1)?;
+        }
         let mut projected = block.attention_out.forward(&context)?;
         // DistilBERT has no dropout on its attention output projection.
         if self.flavor != Flavor::DistilBert {
-            projected = self.dropout(projected, DropoutSite::AttentionOutput(layer))?;
+            projected = dropout(projected, DropoutSite::AttentionOutput(layer))?;
         }
-        let attended = block.attention_norm.forward(&(projected + x)?)?;
+        let attended = block.attention_norm.forward(&(projected + &x)?)?;
         let inner = self.activation.forward(&block.ffn_in.forward(&attended)?)?;
-        let output = self.dropout(
+        let output = dropout(
             block.ffn_out.forward(&inner)?,
             DropoutSite::FeedForwardOutput(layer),
         )?;
@@ -535,7 +583,12 @@ impl Encoder {
     /// residual adds fused into the norms, and five buffers reused by all layers instead of a
     /// dozen fresh tensors per layer (a third of a batch's time went to allocating, copying
     /// and synchronising them).
-    fn blocks_on_host(&self, x: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+    fn blocks_on_host(
+        &self,
+        x: &Tensor,
+        lengths: &[usize],
+        positions: Positions,
+    ) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
         let (m, heads) = (b * t, self.config.num_attention_heads);
         let ffn = self
@@ -547,7 +600,7 @@ impl Encoder {
         let mut context = vec![0f32; m * h];
         let mut attended = vec![0f32; m * h];
         let mut inner = vec![0f32; m * ffn];
-        for block in &self.blocks {
+        for (layer, block) in self.blocks.iter().enumerate() {
             block.qkv.forward_host(&x, m, &mut qkv)?;
             crate::kernels::attention::bidirectional_attention(
                 &qkv,
@@ -558,14 +611,33 @@ impl Encoder {
                 lengths,
                 &mut context,
             );
-            block
-                .attention_out
-                .forward_host(&context, m, &mut attended)?;
-            block.attention_norm.add_forward_host(&mut attended, &x)?;
-            block.ffn_in.forward_host(&attended, m, &mut inner)?;
-            self.activation.apply_host(&mut inner);
-            block.ffn_out.forward_host(&inner, m, &mut x)?;
-            block.output_norm.add_forward_host(&mut x, &attended)?;
+            // The last layer's rows past each first token feed nothing a sequence head reads.
+            let rows = if positions == Positions::FirstOnly && layer + 1 == self.blocks.len() {
+                keep_first_rows(&mut context, b, t, h);
+                keep_first_rows(&mut x, b, t, h);
+                b
+            } else {
+                m
+            };
+            let (context, attended, inner) = (
+                &context[..rows * h],
+                &mut attended[..rows * h],
+                &mut inner[..rows * ffn],
+            );
+            block.attention_out.forward_host(context, rows, attended)?;
+            block.attention_norm.add_forward_host(attended, &x)?;
+            block.ffn_in.forward_host(attended, rows, inner)?;
+            self.activation.apply_host(inner);
+            block.ffn_out.forward_host(inner, rows, &mut x)?;
+            block.output_norm.add_forward_host(&mut x, attended)?;
+        }
+        let t = if positions == Positions::FirstOnly {
+            1
+        } else {
+            t
+        };
+        if x.len() > b * t * h {
+            keep_first_rows(&mut x, b, t, h); // a model without layers
         }
         Ok(Tensor::from_vec(x, (b, t, h), &self.device)?)
     }
@@ -742,6 +814,14 @@ impl Encoder {
             logits.narrow(D::Minus1, 1, 1)?.squeeze(D::Minus1)?,
         ))
     }
+}
+
+/// Keep row 0 of each of `b` sequences of `t` rows of `h` values, packed at the front.
+fn keep_first_rows(values: &mut Vec<f32>, b: usize, t: usize, h: usize) {
+    for i in 1..b {
+        values.copy_within(i * t * h..i * t * h + h, i * h);
+    }
+    values.truncate(b * h);
 }
 
 /// `id2label` in id order; ids missing from the map get transformers' `LABEL_i` names.

@@ -5,7 +5,7 @@
 use super::encoder::{run_valid, EncoderModel};
 use super::ner::softmax;
 use crate::error::{Error, Result};
-use crate::models::bert::{HeadKind, ProblemType};
+use crate::models::bert::{HeadKind, Positions, ProblemType};
 
 /// Every label's score for one input, best first.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -34,7 +34,7 @@ fn scores(problem: ProblemType, logits: &[f32]) -> Vec<f32> {
 pub fn classify(model: &EncoderModel, texts: &[&str]) -> Result<Vec<Result<Classification>>> {
     model.require_head(HeadKind::SequenceClassification)?;
     let encodings = model.tokenize_all(texts);
-    let rows = run_valid(model, encodings, |_, hidden| {
+    let rows = run_valid(model, encodings, Positions::FirstOnly, |_, hidden| {
         Ok(model.encoder.sequence_logits(hidden)?.to_vec2::<f32>()?)
     })?;
     let labels = &model.encoder.labels;
@@ -120,7 +120,7 @@ pub fn zero_shot(
             pairs.push(model.tokenize(text, Some(hypothesis)));
         }
     }
-    let logits = run_valid(model, pairs, |_, hidden| {
+    let logits = run_valid(model, pairs, Positions::FirstOnly, |_, hidden| {
         Ok(model.encoder.sequence_logits(hidden)?.to_vec2::<f32>()?)
     })?;
     let mut logits = logits.into_iter();

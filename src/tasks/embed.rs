@@ -8,6 +8,7 @@ use tokenizers::Encoding;
 
 use super::encoder::{run_valid, EncoderModel};
 use crate::error::{Error, Result};
+use crate::models::bert::Positions;
 use crate::models::LoadOptions;
 
 /// Which pooled vectors make up an embedding; several are concatenated in this order, as
@@ -123,7 +124,7 @@ impl Embedder {
     pub fn embed(&self, texts: &[&str], normalize: bool) -> Result<Vec<Result<Vec<f32>>>> {
         let normalize = normalize && self.normalize;
         let encodings = self.model.tokenize_all(texts);
-        run_valid(&self.model, encodings, |batch, hidden| {
+        run_valid(&self.model, encodings, Positions::All, |batch, hidden| {
             self.pool_batch(batch, hidden, normalize)
         })
     }

@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use tokenizers::{Encoding, TruncationDirection, TruncationParams, TruncationStrategy};
 
 use crate::error::{Error, Result};
-use crate::models::bert::{Encoder, EncoderInput, HeadKind};
+use crate::models::bert::{Encoder, EncoderInput, HeadKind, Positions};
 use crate::models::LoadOptions;
 use crate::tokenizer::Tokenizer;
 use crate::weights::ModelSource;
@@ -110,10 +110,12 @@ impl EncoderModel {
     }
 
     /// Run the encoder over `encodings` in length-sorted batches; `consume(indices, hidden)` gets
-    /// the batch's input indices and its hidden states (b, t, h), row i for `indices[i]`.
+    /// the batch's input indices and its hidden states (b, t, h) (t = 1 for
+    /// [`Positions::FirstOnly`]), row i for `indices[i]`.
     pub fn for_each_batch(
         &self,
         encodings: &[&Encoding],
+        outputs: Positions,
         mut consume: impl FnMut(&[usize], &Tensor) -> Result<()>,
     ) -> Result<()> {
         let mut order: Vec<usize> = (0..encodings.len()).collect();
@@ -126,7 +128,7 @@ impl EncoderModel {
                     type_ids: encodings[i].get_type_ids().to_vec(),
                 })
                 .collect();
-            let hidden = self.encoder.forward(&inputs)?;
+            let hidden = self.encoder.forward_positions(&inputs, outputs)?;
             consume(chunk, &hidden)?;
         }
         Ok(())
@@ -153,10 +155,11 @@ impl EncoderModel {
 
 /// Run `per_batch` over the inputs that tokenized, and put each result back in input order,
 /// next to the tokenizer errors of the rest. `per_batch` gets (input index, encoding) pairs in
-/// batch-row order with the batch's hidden states.
+/// batch-row order with the batch's hidden states at `outputs`.
 pub fn run_valid<T>(
     model: &EncoderModel,
     encodings: Vec<Result<Encoding>>,
+    outputs: Positions,
     mut per_batch: impl FnMut(&[(usize, &Encoding)], &Tensor) -> Result<Vec<T>>,
 ) -> Result<Vec<Result<T>>> {
     let mut slots: Vec<Result<Option<T>>> = Vec::with_capacity(encodings.len());
@@ -171,7 +174,7 @@ pub fn run_valid<T>(
         }
     }
     let refs: Vec<&Encoding> = valid.iter().map(|(_, e)| e).collect();
-    model.for_each_batch(&refs, |indices, hidden| {
+    model.for_each_batch(&refs, outputs, |indices, hidden| {
         let batch: Vec<(usize, &Encoding)> =
             indices.iter().map(|&i| (valid[i].0, refs[i])).collect();
         for (&i, value) in indices.iter().zip(per_batch(&batch, hidden)?) {

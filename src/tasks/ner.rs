@@ -9,7 +9,7 @@ use tokenizers::{Encoding, ModelWrapper};
 
 use super::encoder::{run_valid, EncoderModel};
 use crate::error::{Error, Result};
-use crate::models::bert::HeadKind;
+use crate::models::bert::{HeadKind, Positions};
 
 /// How token predictions become entities (transformers' `aggregation_strategy`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -90,7 +90,7 @@ pub fn recognize(
 ) -> Result<Vec<Result<Vec<Entity>>>> {
     model.require_head(HeadKind::TokenClassification)?;
     let encodings = model.tokenize_all(texts);
-    run_valid(model, encodings, |batch, hidden| {
+    run_valid(model, encodings, Positions::All, |batch, hidden| {
         let logits = model.encoder.token_logits(hidden)?;
         batch
             .iter()

@@ -8,7 +8,7 @@ use tokenizers::{Encoding, TruncationStrategy};
 
 use super::encoder::{run_valid, EncoderModel};
 use crate::error::{Error, Result};
-use crate::models::bert::HeadKind;
+use crate::models::bert::{HeadKind, Positions};
 
 /// Settings with the pipeline's defaults.
 #[derive(Clone, Debug)]
@@ -96,6 +96,7 @@ pub fn answer(
     let per_window = run_valid(
         model,
         windows.iter().cloned().map(Ok).collect(),
+        Positions::All,
         |batch, hidden| {
             let (start, end) = model.encoder.span_logits(hidden)?;
             batch

@@ -12,7 +12,7 @@ use tokenizers::{TruncationDirection, TruncationParams, TruncationStrategy};
 use super::data::Example;
 use super::{Evaluation, Precision, Task};
 use crate::error::{Error, Result};
-use crate::models::bert::{Encoder, EncoderConfig, EncoderInput, Flavor, HeadKind};
+use crate::models::bert::{Encoder, EncoderConfig, EncoderInput, Flavor, HeadKind, Positions};
 use crate::tasks::encoder::EncoderModel;
 use crate::weights::{FreshInit, Parameters, WeightStore};
 use crate::LoadOptions;
@@ -252,7 +252,8 @@ impl Task for ClassifierTask {
         let rows: Vec<_> = indices.iter().map(|&i| &self.train[i]).collect();
         let (inputs, targets, tokens) = self.batch(&rows)?;
         let model = self.model()?.with_training_dropout(seed);
-        let logits = model.sequence_logits(&model.forward(&inputs)?)?;
+        let logits =
+            model.sequence_logits(&model.forward_positions(&inputs, Positions::FirstOnly)?)?;
         Ok((candle_nn::loss::cross_entropy(&logits, &targets)?, tokens))
     }
 
@@ -272,7 +273,8 @@ impl Task for ClassifierTask {
         for chunk in order.chunks(EVAL_BATCH) {
             let rows: Vec<_> = chunk.iter().map(|&i| &self.eval[i]).collect();
             let (inputs, targets, _) = self.batch(&rows)?;
-            let logits = model.sequence_logits(&model.forward(&inputs)?)?;
+            let logits =
+                model.sequence_logits(&model.forward_positions(&inputs, Positions::FirstOnly)?)?;
             let batch_loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
             loss += batch_loss.to_scalar::<f32>()? as f64 * chunk.len() as f64;
             let predicted = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
