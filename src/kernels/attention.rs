@@ -106,17 +106,13 @@ impl Head<'_> {
 
     /// The real keys as head_dim rows of `stride` ≥ len positions (zeros past len).
     fn keys_transposed(&self, stride: usize) -> Vec<f32> {
-        self.transposed(1, stride)
-    }
-
-    fn transposed(&self, which: usize, stride: usize) -> Vec<f32> {
-        let mut rows_t = vec![0f32; self.head_dim * stride];
+        let mut keys_t = vec![0f32; self.head_dim * stride];
         for j in 0..self.len {
-            for (d, v) in self.part(j, which).iter().enumerate() {
-                rows_t[d * stride + j] = *v;
+            for (d, v) in self.part(j, 1).iter().enumerate() {
+                keys_t[d * stride + j] = *v;
             }
         }
-        rows_t
+        keys_t
     }
 }
 

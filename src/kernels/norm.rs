@@ -131,6 +131,19 @@ fn norm_rows_portable(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mu
     }
 }
 
+/// A norm backward pass's inputs: rows of `h` in `x`, and `dy`, `dx` of `x`'s shape.
+fn check_backward_shapes(norm: &str, x: &[f32], h: usize, dy: &[f32], dx: &[f32]) {
+    assert!(
+        h > 0 && x.len().is_multiple_of(h),
+        "rows of the {norm} size"
+    );
+    assert_eq!(
+        (dy.len(), dx.len()),
+        (x.len(), x.len()),
+        "{norm} gradient shapes"
+    );
+}
+
 /// Gradients of [`layer_norm`] given the output's gradient `dy`: `dx` is written, and
 /// (dgamma, dbeta) returned. With x̂ = (x − mean)·r and g = dy·gamma, per row
 /// dx = r·(g − mean(g) − x̂·mean(g·x̂)); dgamma = Σ dy·x̂, dbeta = Σ dy over rows.
@@ -142,15 +155,7 @@ pub fn layer_norm_backward(
     dx: &mut [f32],
 ) -> (Vec<f32>, Vec<f32>) {
     let h = gamma.len();
-    assert!(
-        h > 0 && x.len().is_multiple_of(h),
-        "rows of the LayerNorm size"
-    );
-    assert_eq!(
-        (dy.len(), dx.len()),
-        (x.len(), x.len()),
-        "LayerNorm gradient shapes"
-    );
+    check_backward_shapes("LayerNorm", x, h, dy, dx);
     let dxp = super::SendPtr(dx.as_mut_ptr());
     let mut sums = super::chunked_sums(x.len() / h, TRAINING_ROWS, 2 * h, |r0, r1, partial| {
         // SAFETY: rows r0..r1 of dx belong to this chunk; dx outlives the call.
@@ -287,15 +292,7 @@ pub fn rms_norm_backward(
     dx: &mut [f32],
 ) -> Vec<f32> {
     let h = gamma.len();
-    assert!(
-        h > 0 && x.len().is_multiple_of(h),
-        "rows of the RMSNorm size"
-    );
-    assert_eq!(
-        (dy.len(), dx.len()),
-        (x.len(), x.len()),
-        "RMSNorm gradient shapes"
-    );
+    check_backward_shapes("RMSNorm", x, h, dy, dx);
     let dxp = super::SendPtr(dx.as_mut_ptr());
     super::chunked_sums(x.len() / h, TRAINING_ROWS, h, |r0, r1, dgamma| {
         // SAFETY: rows r0..r1 of dx belong to this chunk; dx outlives the call.
