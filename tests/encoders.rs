@@ -468,3 +468,45 @@ fn minilm_matches_sentence_transformers() {
         );
     }
 }
+
+#[test]
+fn first_token_pass_of_a_model_without_layers_keeps_each_inputs_first_row() {
+    // The embeddings alone: the first-token pass must still pick row 0 of every input.
+    let dir = tempfile::tempdir().unwrap();
+    let source = fixture("tiny-bert-cls");
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let config_path = dir.path().join("config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["num_hidden_layers"] = 0.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let model = EncoderModel::load(dir.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let inputs: Vec<EncoderInput> = ["a short one", "and a somewhat longer second input"]
+        .iter()
+        .map(|text| {
+            let encoding = model.tokenize(text, None).unwrap();
+            EncoderInput {
+                ids: encoding.get_ids().to_vec(),
+                type_ids: encoding.get_type_ids().to_vec(),
+            }
+        })
+        .collect();
+    let all = model.encoder.forward(&inputs).unwrap();
+    let (b, t, h) = all.dims3().unwrap();
+    let first = model
+        .encoder
+        .forward_positions(&inputs, Positions::FirstOnly)
+        .unwrap();
+    assert_eq!(first.dims3().unwrap(), (b, 1, h));
+    let (all, first) = (rows_of(&all), rows_of(&first));
+    for i in 0..b {
+        assert_eq!(
+            &first[i * h..(i + 1) * h],
+            &all[i * t * h..i * t * h + h],
+            "input {i}"
+        );
+    }
+}

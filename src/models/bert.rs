@@ -631,13 +631,11 @@ impl Encoder {
             block.ffn_out.forward_host(inner, rows, &mut x)?;
             block.output_norm.add_forward_host(&mut x, attended)?;
         }
-        let t = if positions == Positions::FirstOnly {
-            1
-        } else {
-            t
-        };
-        if x.len() > b * t * h {
-            keep_first_rows(&mut x, b, t, h); // a model without layers
+        if positions == Positions::FirstOnly {
+            if x.len() > b * h {
+                keep_first_rows(&mut x, b, t, h); // a model without layers
+            }
+            return Ok(Tensor::from_vec(x, (b, 1, h), &self.device)?);
         }
         Ok(Tensor::from_vec(x, (b, t, h), &self.device)?)
     }
