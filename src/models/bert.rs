@@ -530,7 +530,7 @@ impl Encoder {
         x: &Tensor,
         lengths: &[usize],
         mask_bias: Option<&Tensor>,
-        positions: Positions,
+        outputs: Positions,
     ) -> Result<Tensor> {
         let qkv = block.qkv.forward(x)?;
         let mut context = self.attention(&qkv, layer, lengths, mask_bias)?;
@@ -545,7 +545,7 @@ impl Encoder {
             self.apply_dropout(y, mask)
         };
         let mut x = x.clone();
-        if positions == Positions::FirstOnly {
+        if outputs == Positions::FirstOnly {
             context = context.narrow(1, 0, 1)?;
             x = x.narrow(1, 0, 1)?;
         }
@@ -583,12 +583,7 @@ impl Encoder {
     /// residual adds fused into the norms, and five buffers reused by all layers instead of a
     /// dozen fresh tensors per layer (a third of a batch's time went to allocating, copying
     /// and synchronising them).
-    fn blocks_on_host(
-        &self,
-        x: &Tensor,
-        lengths: &[usize],
-        positions: Positions,
-    ) -> Result<Tensor> {
+    fn blocks_on_host(&self, x: &Tensor, lengths: &[usize], outputs: Positions) -> Result<Tensor> {
         let (b, t, h) = x.dims3()?;
         let (m, heads) = (b * t, self.config.num_attention_heads);
         let ffn = self
@@ -612,7 +607,7 @@ impl Encoder {
                 &mut context,
             );
             // The last layer's rows past each first token feed nothing a sequence head reads.
-            let rows = if positions == Positions::FirstOnly && layer + 1 == self.blocks.len() {
+            let rows = if outputs == Positions::FirstOnly && layer + 1 == self.blocks.len() {
                 keep_first_rows(&mut context, b, t, h);
                 keep_first_rows(&mut x, b, t, h);
                 b
@@ -631,7 +626,7 @@ impl Encoder {
             block.ffn_out.forward_host(inner, rows, &mut x)?;
             block.output_norm.add_forward_host(&mut x, attended)?;
         }
-        if positions == Positions::FirstOnly {
+        if outputs == Positions::FirstOnly {
             if x.len() > b * h {
                 keep_first_rows(&mut x, b, t, h); // a model without layers
             }
