@@ -334,6 +334,16 @@ fn rms_backward_rows_portable(
 mod tests {
     use super::*;
 
+    /// d loss / d values[i] by central differences (step 1e-2), perturbing a copy.
+    fn numeric_gradient(values: &[f32], i: usize, loss: impl Fn(&[f32]) -> f64) -> f64 {
+        let at = |d: f32| {
+            let mut v = values.to_vec();
+            v[i] += d;
+            loss(&v)
+        };
+        (at(1e-2) - at(-1e-2)) / 2e-2
+    }
+
     #[test]
     fn layer_norm_gradients_match_finite_differences() {
         let (h, rows, eps) = (40, 5, 1e-5f32);
@@ -353,14 +363,8 @@ mod tests {
         };
         let mut dx = vec![0f32; x.len()];
         let (dgamma, dbeta) = layer_norm_backward(&x, &gamma, eps, &dy, &mut dx);
-        let step = 1e-2f32;
-        let numeric = |f: &dyn Fn(f32) -> f64| (f(step) - f(-step)) / (2.0 * step as f64);
         for i in [0, 3, 39, 41, 150, 199] {
-            let want = numeric(&|d| {
-                let mut x = x.clone();
-                x[i] += d;
-                loss(&x, &gamma, &beta)
-            });
+            let want = numeric_gradient(&x, i, |x| loss(x, &gamma, &beta));
             assert!(
                 (dx[i] as f64 - want).abs() < 2e-3,
                 "dx[{i}] {} vs {want}",
@@ -368,17 +372,9 @@ mod tests {
             );
         }
         for i in [0, 17, 39] {
-            let want = numeric(&|d| {
-                let mut g = gamma.clone();
-                g[i] += d;
-                loss(&x, &g, &beta)
-            });
+            let want = numeric_gradient(&gamma, i, |g| loss(&x, g, &beta));
             assert!((dgamma[i] as f64 - want).abs() < 2e-3, "dgamma[{i}]");
-            let want = numeric(&|d| {
-                let mut b = beta.clone();
-                b[i] += d;
-                loss(&x, &gamma, &b)
-            });
+            let want = numeric_gradient(&beta, i, |b| loss(&x, &gamma, b));
             assert!((dbeta[i] as f64 - want).abs() < 2e-3, "dbeta[{i}]");
         }
     }
@@ -416,13 +412,8 @@ mod tests {
         };
         let mut dx = vec![f32::NAN; x.len()];
         let dgamma = rms_norm_backward(&x, &gamma, eps, &dy, &mut dx);
-        let numeric = |f: &dyn Fn(f32) -> f64| (f(1e-2) - f(-1e-2)) / 2e-2;
         for i in (0..x.len()).step_by(7) {
-            let want = numeric(&|d| {
-                let mut x = x.clone();
-                x[i] += d;
-                loss(&x, &gamma)
-            });
+            let want = numeric_gradient(&x, i, |x| loss(x, &gamma));
             assert!(
                 (dx[i] as f64 - want).abs() < 2e-3,
                 "dx[{i}] {} vs {want}",
@@ -430,11 +421,7 @@ mod tests {
             );
         }
         for i in [0, 17, 39] {
-            let want = numeric(&|d| {
-                let mut g = gamma.clone();
-                g[i] += d;
-                loss(&x, &g)
-            });
+            let want = numeric_gradient(&gamma, i, |g| loss(&x, g));
             assert!((dgamma[i] as f64 - want).abs() < 2e-3, "dgamma[{i}]");
         }
     }
