@@ -380,3 +380,51 @@ fn gpt_neo_sequences_batched_together_match_the_reference() {
         );
     }
 }
+
+/// Requests that begin alike copy the cached beginning instead of prefilling it (usage and the
+/// metrics say how much), and answer exactly as a server without the prompt cache.
+#[test]
+fn prompts_that_begin_alike_reuse_the_cached_beginning_and_answer_the_same() {
+    let model = fixture("tiny-llama");
+    let cached = start(&["-m", model.to_str().unwrap()]);
+    let uncached = start(&["-m", model.to_str().unwrap(), "--prompt-cache-mb", "0"]);
+    let ask = |base: &str, ending: &str| {
+        let prompt = format!("once upon a time there was a little model that {ending}");
+        let body = json!({"prompt": prompt, "max_tokens": 8, "temperature": 0});
+        let (status, _, value) = post(base, "/v1/completions", &body.to_string(), None);
+        assert_eq!(status, 200, "{value}");
+        let usage = &value["usage"];
+        (
+            value["choices"][0]["text"].as_str().unwrap().to_string(),
+            usage["prompt_tokens"].as_u64().unwrap(),
+            usage["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap(),
+        )
+    };
+    let mut reused = Vec::new();
+    for ending in ["sang", "ran far away", "sang"] {
+        let (text, prompt_tokens, cached_tokens) = ask(&cached.base, ending);
+        let (reference, _, none) = ask(&uncached.base, ending);
+        assert_eq!(none, 0, "the cache is off");
+        assert_eq!(
+            text, reference,
+            "{ending:?} with and without the prompt cache"
+        );
+        reused.push((prompt_tokens, cached_tokens));
+    }
+    assert_eq!(reused[0].1, 0, "nothing cached before the first request");
+    assert!(
+        reused[1].1 >= 8 && reused[1].1 < reused[1].0,
+        "the shared beginning only: {reused:?}"
+    );
+    assert_eq!(
+        reused[2].1,
+        reused[2].0 - 1,
+        "the same prompt again: all but its last token"
+    );
+    assert_eq!(
+        metric(&cached.base, "wordloom_cached_prompt_tokens_total"),
+        (reused[1].1 + reused[2].1) as f64
+    );
+}

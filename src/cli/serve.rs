@@ -37,6 +37,10 @@ pub struct ServeArgs {
     /// Sequences that may wait for a slot; beyond that requests get 429.
     #[arg(long, default_value_t = 32)]
     pub max_queue: usize,
+    /// MiB of recent prompts' keys and values kept so that requests beginning alike (the chat
+    /// template's system turn, earlier turns of a conversation) skip prefilling it; 0 turns it off.
+    #[arg(long, default_value_t = 64)]
+    pub prompt_cache_mb: usize,
     /// Context length to serve (default: the model's).
     #[arg(long)]
     pub ctx: Option<usize>,
@@ -93,6 +97,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         api_key: args.api_key,
         max_batch: args.max_batch,
         max_queue: args.max_queue,
+        prompt_cache_bytes: args.prompt_cache_mb.saturating_mul(1 << 20),
         ctx: args.ctx,
         threads,
         body_limit: args.max_body,

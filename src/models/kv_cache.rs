@@ -77,7 +77,14 @@ impl KvCache {
     /// An independent copy (beam search: two beams continuing from one parent) of the filled
     /// positions, with room for the next.
     pub fn deep_copy(&self) -> Result<Self> {
-        let capacity = grown_capacity(0, self.len + 1);
+        self.copy_prefix(self.len)
+    }
+
+    /// An independent copy of the first `len` filled positions (at most all of them), with room
+    /// for the next: the server reuses a cached prompt's beginning this way.
+    pub fn copy_prefix(&self, len: usize) -> Result<Self> {
+        let len = len.min(self.len);
+        let capacity = grown_capacity(0, len + 1);
         let copy = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
             let Some(t) = t else { return Ok(None) };
             let fresh = Tensor::zeros(
@@ -85,8 +92,8 @@ impl KvCache {
                 self.dtype,
                 &self.device,
             )?;
-            if self.len > 0 {
-                fresh.slice_set(&t.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+            if len > 0 {
+                fresh.slice_set(&t.narrow(1, 0, len)?.contiguous()?, 1, 0)?;
             }
             Ok(Some(fresh))
         };
@@ -102,7 +109,7 @@ impl KvCache {
             .collect::<Result<_>>()?;
         Ok(KvCache {
             layers,
-            len: self.len,
+            len,
             kv_heads: self.kv_heads,
             head_dim: self.head_dim,
             dtype: self.dtype,
@@ -243,6 +250,14 @@ mod tests {
         child.advance(1);
         let (k, _) = parent.append(0, &step(7)?, &step(7)?)?;
         assert_eq!(k.get(0)?.get(20)?.to_vec1::<f32>()?, vec![100.0; 4]);
+
+        // A prefix copy continues after its own last position, whatever the parent held after it.
+        let mut prefix = parent.copy_prefix(5)?;
+        assert_eq!(prefix.len(), 5);
+        let (k, _) = prefix.append(1, &step(300)?, &step(300)?)?;
+        let column: Vec<f32> = k.get(0)?.narrow(1, 0, 1)?.flatten_all()?.to_vec1()?;
+        assert_eq!(column, vec![0.0, 1.0, 2.0, 3.0, 4.0, 300.0]);
+        assert_eq!(parent.copy_prefix(1000)?.len(), parent.len());
         Ok(())
     }
 }

@@ -283,9 +283,16 @@ pub struct ClassifyRequest {
     pub top_k: Option<usize>,
 }
 
-#[derive(Serialize, Clone, Copy, Debug)]
+#[derive(Serialize, Clone, Copy, Debug, Default)]
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// OpenAI's breakdown of the prompt tokens: how many came from the prompt cache.
+#[derive(Serialize, Clone, Copy, Debug, Default)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: usize,
 }

@@ -11,6 +11,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::metrics::Metrics;
+use super::prompt_cache::PromptCache;
 use crate::error::{Error, Result};
 use crate::generate::sequence::{FinishReason, Sequence, StepOutput};
 use crate::models::{LogitsWanted, SeqInput};
@@ -26,11 +27,13 @@ pub enum Event {
         index: usize,
         output: StepOutput,
     },
-    /// The sequence ended with this many prompt and completion tokens.
+    /// The sequence ended with this many prompt and completion tokens; `cached_tokens` of the
+    /// prompt's were copied from the prompt cache rather than computed.
     Done {
         index: usize,
         reason: FinishReason,
         prompt_tokens: usize,
+        cached_tokens: usize,
         completion_tokens: usize,
     },
     Failed(String),
@@ -48,6 +51,8 @@ struct Slot {
     events: UnboundedSender<Event>,
     submitted: Instant,
     first_token: bool,
+    /// Prompt tokens taken from the prompt cache.
+    cached_tokens: usize,
 }
 
 /// The handle the HTTP side holds.
@@ -71,12 +76,14 @@ pub enum Rejected {
 }
 
 impl Engine {
-    /// Start the engine thread. It runs the model on a rayon pool of `threads` threads.
+    /// Start the engine thread. It runs the model on a rayon pool of `threads` threads and keeps
+    /// up to `prompt_cache_bytes` of recent prompts' keys and values for reuse.
     pub fn start(
         lm: LanguageModel,
         max_batch: usize,
         max_queue: usize,
         threads: usize,
+        prompt_cache_bytes: usize,
         metrics: Arc<Metrics>,
     ) -> Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
@@ -90,7 +97,8 @@ impl Engine {
         std::thread::Builder::new()
             .name("wordloom-engine".into())
             .spawn(move || {
-                pool.install(|| run(lm, rx, max_batch, in_flight2, queued2, metrics));
+                let prompts = PromptCache::new(prompt_cache_bytes);
+                pool.install(|| run(lm, rx, max_batch, prompts, in_flight2, queued2, metrics));
             })
             .map_err(|e| Error::invalid(format!("cannot start the engine thread: {e}")))?;
         Ok(Engine {
@@ -133,6 +141,7 @@ fn run(
     lm: LanguageModel,
     jobs: mpsc::Receiver<Job>,
     max_batch: usize,
+    mut prompts: PromptCache,
     in_flight: Arc<AtomicUsize>,
     queued: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
@@ -165,6 +174,7 @@ fn run(
                     events: job.events.clone(),
                     submitted,
                     first_token: false,
+                    cached_tokens: 0,
                 });
             }
         }
@@ -187,8 +197,9 @@ fn run(
         });
         while active.len() < max_batch {
             match waiting.pop_front() {
-                Some(slot) => {
+                Some(mut slot) => {
                     queued.fetch_sub(1, Ordering::SeqCst);
+                    reuse_cached_prompt(&mut slot, &mut prompts, &metrics);
                     active.push(slot);
                 }
                 None => break,
@@ -257,6 +268,12 @@ fn run(
                 slot.seq.consumed(tokens.len());
                 continue;
             }
+            if slot.seq.generated_ids().is_empty() {
+                // The prompt is all in the cache now: keep it for requests that begin alike.
+                if let Err(err) = prompts.keep(slot.seq.prompt_ids(), &slot.seq.cache) {
+                    tracing::warn!("not caching a prompt: {err}");
+                }
+            }
             match slot.seq.accept(tokens.len(), &mut row, &lm.tokenizer) {
                 Ok(output) => {
                     if !slot.first_token {
@@ -276,6 +293,7 @@ fn run(
                             index: slot.index,
                             reason,
                             prompt_tokens: slot.seq.prompt_ids().len(),
+                            cached_tokens: slot.cached_tokens,
                             completion_tokens: slot.seq.generated_ids().len(),
                         });
                         done.push(i);
@@ -288,6 +306,24 @@ fn run(
             }
         }
         remove_indices(&mut active, &done, &release);
+    }
+}
+
+/// Start a sequence about to run its prompt from the longest beginning it shares with a cached
+/// prompt. A failed copy only costs the prefill it would have saved.
+fn reuse_cached_prompt(slot: &mut Slot, prompts: &mut PromptCache, metrics: &Metrics) {
+    if !slot.seq.cache.is_empty() {
+        return;
+    }
+    match prompts.reuse(slot.seq.prompt_ids()) {
+        Ok(Some((cache, shared))) => {
+            slot.seq.cache = cache;
+            slot.seq.consumed(shared);
+            slot.cached_tokens = shared;
+            metrics.cached_prompt_tokens.add(shared as u64);
+        }
+        Ok(None) => {}
+        Err(err) => tracing::warn!("not reusing a cached prompt: {err}"),
     }
 }
 

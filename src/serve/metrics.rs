@@ -91,6 +91,7 @@ pub struct Metrics {
     requests: Mutex<BTreeMap<(String, u16), u64>>,
     pub tokens_in: Counter,
     pub tokens_out: Counter,
+    pub cached_prompt_tokens: Counter,
     pub cancelled: Counter,
     pub queue_depth: Gauge,
     pub batch_size: Histogram,
@@ -104,6 +105,7 @@ impl Default for Metrics {
             requests: Mutex::new(BTreeMap::new()),
             tokens_in: Counter::default(),
             tokens_out: Counter::default(),
+            cached_prompt_tokens: Counter::default(),
             cancelled: Counter::default(),
             queue_depth: Gauge::default(),
             batch_size: Histogram::new(&[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
@@ -138,6 +140,11 @@ impl Metrics {
                 "wordloom_prompt_tokens_total",
                 "Prompt tokens received.",
                 self.tokens_in.get(),
+            ),
+            (
+                "wordloom_cached_prompt_tokens_total",
+                "Prompt tokens copied from the prompt cache instead of computed.",
+                self.cached_prompt_tokens.get(),
             ),
             (
                 "wordloom_generated_tokens_total",

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod engine;
 pub mod metrics;
+mod prompt_cache;
 mod proxy;
 
 use std::convert::Infallible;
@@ -50,6 +51,8 @@ pub struct ServeOptions {
     pub max_batch: usize,
     /// Sequences that may wait for a batch slot before requests are refused with 429.
     pub max_queue: usize,
+    /// Bytes of recent prompts' keys and values kept for requests that begin alike (0: none).
+    pub prompt_cache_bytes: usize,
     /// Context length to serve (capped by the model's).
     pub ctx: Option<usize>,
     pub threads: usize,
@@ -140,6 +143,7 @@ pub async fn serve(options: ServeOptions, models: ServedModels) -> crate::Result
                 options.max_batch.max(1),
                 options.max_queue,
                 options.threads,
+                options.prompt_cache_bytes,
                 metrics.clone(),
             )?;
             Some((name, lm, engine))
@@ -773,11 +777,7 @@ async fn collect(
     let mut texts = vec![String::new(); meta.n];
     let mut logprobs: Vec<Vec<LogprobEntry>> = vec![Vec::new(); meta.n];
     let mut reasons = vec![None; meta.n];
-    let mut usage = Usage {
-        prompt_tokens: 0,
-        completion_tokens: 0,
-        total_tokens: 0,
-    };
+    let mut usage = Usage::default();
     let mut remaining = meta.n;
     while remaining > 0 {
         match rx.recv().await {
@@ -791,12 +791,14 @@ async fn collect(
                 index,
                 reason,
                 prompt_tokens,
+                cached_tokens,
                 completion_tokens,
             }) => {
                 reasons[index] = Some(reason);
                 // n copies of one prompt count it once, as OpenAI does.
                 if index % meta.copies == 0 {
                     usage.prompt_tokens += prompt_tokens;
+                    usage.prompt_tokens_details.cached_tokens += cached_tokens;
                 }
                 usage.completion_tokens += completion_tokens;
                 remaining -= 1;
@@ -848,11 +850,7 @@ fn stream_response(
 ) -> Response {
     let mut remaining = meta.n;
     let copies = meta.copies;
-    let mut usage = Usage {
-        prompt_tokens: 0,
-        completion_tokens: 0,
-        total_tokens: 0,
-    };
+    let mut usage = Usage::default();
     let mut role_sent = vec![false; meta.n];
     let chunk = move |choices: Value, usage: Option<Usage>| -> SseEvent {
         let mut body = json!({
@@ -901,6 +899,7 @@ fn stream_response(
                 index,
                 reason,
                 prompt_tokens,
+                cached_tokens,
                 completion_tokens,
             } => {
                 let choice = if chat {
@@ -911,6 +910,7 @@ fn stream_response(
                 out.push(chunk(json!([choice]), None));
                 if index % copies == 0 {
                     usage.prompt_tokens += prompt_tokens;
+                    usage.prompt_tokens_details.cached_tokens += cached_tokens;
                 }
                 usage.completion_tokens += completion_tokens;
                 remaining -= 1;
