@@ -37,6 +37,10 @@ fn main() {
         prefill(&mut uniform(7));
         return;
     }
+    if std::env::var_os("BENCH_BATCH_ONLY").is_some() {
+        batched_decode(&mut uniform(11));
+        return;
+    }
     // BENCH_MB: total weight bytes per pass (default: SmolLM2's 92 MB; small = in cache).
     let total_mb: usize = std::env::var("BENCH_MB")
         .ok()
@@ -134,6 +138,49 @@ fn prefill(rand: &mut impl FnMut() -> f32) {
         median * 1e3,
         rayon::current_num_threads()
     );
+}
+
+/// The precise Q4_1 products of one decode step for 1, 2, 4 and 8 sequences through all of
+/// SmolLM2's layers (30 × the shapes above, from memory) and its Q8_0 vocabulary projection:
+/// the server's batched step without attention and element-wise work.
+fn batched_decode(rand: &mut impl FnMut() -> f32) {
+    let mut quantized = |kind, rows, cols| {
+        let w: Vec<f32> = (0..rows * cols).map(|_| rand() * 0.1).collect();
+        QuantTensor::from_gguf(kind, rows, cols, &reference::quantize(kind, &w, rows, cols))
+    };
+    // Thirty layers of distinct weights (~80 MB), so that they stream from memory.
+    let layers: Vec<QuantTensor> = (0..30)
+        .flat_map(|_| SMOLLM2_LAYER)
+        .map(|(rows, cols)| quantized(QuantKind::Q4_1, rows, cols))
+        .collect();
+    let vocabulary = quantized(QuantKind::Q8_0, 49152, 576);
+    let x: Vec<f32> = (0..8 * 1536).map(|_| rand()).collect();
+    let mut out = vec![0f32; 8 * 49152];
+    for m in [1, 2, 4, 8] {
+        let (layers_best, layers_median) = best_and_median(20, || {
+            for w in &layers {
+                let (rows, cols) = (w.rows(), w.cols());
+                quant_matmul_precise(&w.matrix(), &x[..m * cols], m, &mut out[..m * rows]);
+            }
+        });
+        let (head_best, head_median) = best_and_median(20, || {
+            quant_matmul_precise(
+                &vocabulary.matrix(),
+                &x[..m * 576],
+                m,
+                &mut out[..m * 49152],
+            );
+        });
+        println!(
+            "m={m}: Q4_1 layers {:.2} ms best, {:.2} median; Q8_0 vocabulary {:.2} / {:.2} ms ({:.2} ms per token in all, {} threads)",
+            layers_best * 1e3,
+            layers_median * 1e3,
+            head_best * 1e3,
+            head_median * 1e3,
+            (layers_median + head_median) * 1e3 / m as f64,
+            rayon::current_num_threads()
+        );
+    }
 }
 
 /// The fastest and the median of `repetitions` timed runs of `f`, in seconds.
