@@ -180,6 +180,13 @@ impl KvCache {
         self.len += t;
     }
 
+    /// Bytes a [`copy_prefix`](Self::copy_prefix) of `len` positions allocates.
+    pub fn prefix_copy_bytes(&self, len: usize) -> usize {
+        let capacity = grown_capacity(0, len.min(self.len) + 1);
+        let layers = self.layers.iter().filter(|l| l.keys.is_some()).count();
+        2 * layers * self.kv_heads * capacity * self.head_dim * self.dtype.size_in_bytes()
+    }
+
     /// Bytes held by this cache's allocations.
     pub fn allocated_bytes(&self) -> usize {
         self.layers
@@ -257,6 +264,10 @@ mod tests {
         let (k, _) = prefix.append(1, &step(300)?, &step(300)?)?;
         let column: Vec<f32> = k.get(0)?.narrow(1, 0, 1)?.flatten_all()?.to_vec1()?;
         assert_eq!(column, vec![0.0, 1.0, 2.0, 3.0, 4.0, 300.0]);
+        assert_eq!(
+            parent.prefix_copy_bytes(5),
+            parent.copy_prefix(5)?.allocated_bytes()
+        );
         assert_eq!(parent.copy_prefix(1000)?.len(), parent.len());
         Ok(())
     }

@@ -64,11 +64,12 @@ impl PromptCache {
         {
             return Ok(());
         }
-        let copy = cache.copy_prefix(prompt.len())?;
-        let size = copy.allocated_bytes();
+        // Sized before copying: a prompt too long for the whole budget is never allocated twice.
+        let size = cache.prefix_copy_bytes(prompt.len());
         if size > self.budget {
             return Ok(());
         }
+        let copy = cache.copy_prefix(prompt.len())?;
         let mut dropped = 0;
         self.entries.retain(|(tokens, cached)| {
             let extended = prompt.starts_with(tokens);
@@ -174,6 +175,11 @@ mod tests {
         prompts.keep(&prompt(300), &filled(&prompt(300)))?;
         assert_eq!(prompts.entries.len(), 2);
         assert_eq!(prompts.reuse(&longer)?.unwrap().1, longer.len() - 1);
+        // A prompt bigger than the whole budget is not kept, and evicts nothing.
+        let huge: Vec<u32> = (1000..1100).collect();
+        prompts.keep(&huge, &filled(&huge))?;
+        assert!(prompts.reuse(&huge)?.is_none());
+        assert_eq!(prompts.entries.len(), 2);
 
         let mut off = PromptCache::new(0);
         off.keep(&prompt(100), &filled(&prompt(100)))?;
