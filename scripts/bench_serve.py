@@ -74,6 +74,12 @@ def main():
     ap.add_argument("--requests", type=int, default=4, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--label", default="")
+    ap.add_argument(
+        "--distinct",
+        action="store_true",
+        help="start every question with its own request number, so that no two prompts share "
+        "more than the chat template's system turn (a server's prompt cache reuses only that)",
+    )
     args = ap.parse_args()
     ttfts, counts, errors = [], [], []
     lock = threading.Lock()
@@ -81,6 +87,8 @@ def main():
     def client(c):
         for r in range(args.requests):
             q = QUESTIONS[(c + r) % len(QUESTIONS)]
+            if args.distinct:
+                q = f"Question {c * args.requests + r + 1}: {q}"
             try:
                 ttft, n = one_request(args.url, args.model, q, args.max_tokens, c * 100 + r)
                 with lock:
