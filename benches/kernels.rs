@@ -5,7 +5,8 @@
 //! products of many rows, on the panel kernel and the AMX tiles (`BENCH_DENSE_ONLY=1`: only
 //! those), and f32 decode steps over GPT-Neo-125M-shaped layers (`BENCH_GEMV_ONLY=1`: only those).
 //! `BENCH_PREFILL_ONLY=1`: only the precise products of a 512-token prefill through one
-//! SmolLM2-shaped Q4_1 layer.
+//! SmolLM2-shaped Q4_1 layer. `BENCH_BATCH_ONLY=1`: only the precise products of one decode
+//! step for 1–8 sequences (the server's batched step).
 
 use std::time::Instant;
 use wordloom::kernels::dense::{packed_matmul_forced, PackedMatrix};
