@@ -84,7 +84,7 @@ impl KvCache {
     /// for the next: the server reuses a cached prompt's beginning this way.
     pub fn copy_prefix(&self, len: usize) -> Result<Self> {
         let len = len.min(self.len);
-        let capacity = grown_capacity(0, len + 1);
+        let capacity = self.copy_capacity(len);
         let copy = |t: &Option<Tensor>| -> Result<Option<Tensor>> {
             let Some(t) = t else { return Ok(None) };
             let fresh = Tensor::zeros(
@@ -182,9 +182,14 @@ impl KvCache {
 
     /// Bytes a [`copy_prefix`](Self::copy_prefix) of `len` positions allocates.
     pub fn prefix_copy_bytes(&self, len: usize) -> usize {
-        let capacity = grown_capacity(0, len.min(self.len) + 1);
+        let capacity = self.copy_capacity(len);
         let layers = self.layers.iter().filter(|l| l.keys.is_some()).count();
         2 * layers * self.kv_heads * capacity * self.head_dim * self.dtype.size_in_bytes()
+    }
+
+    /// Positions a copy of the first `len` filled ones allocates: room for them and the next.
+    fn copy_capacity(&self, len: usize) -> usize {
+        grown_capacity(0, len.min(self.len) + 1)
     }
 
     /// Bytes held by this cache's allocations.

@@ -14,7 +14,6 @@ const MIN_REUSED_TOKENS: usize = 4;
 pub struct PromptCache {
     /// Prompts and their caches, least recently used first.
     entries: VecDeque<(Vec<u32>, KvCache)>,
-    bytes: usize,
     budget: usize,
 }
 
@@ -23,7 +22,6 @@ impl PromptCache {
     pub fn new(budget: usize) -> Self {
         PromptCache {
             entries: VecDeque::new(),
-            bytes: 0,
             budget,
         }
     }
@@ -70,22 +68,18 @@ impl PromptCache {
             return Ok(());
         }
         let copy = cache.copy_prefix(prompt.len())?;
-        let mut dropped = 0;
-        self.entries.retain(|(tokens, cached)| {
-            let extended = prompt.starts_with(tokens);
-            if extended {
-                dropped += cached.allocated_bytes();
-            }
-            !extended
-        });
-        self.bytes -= dropped;
+        self.entries
+            .retain(|(tokens, _)| !prompt.starts_with(tokens));
         self.entries.push_back((prompt.to_vec(), copy));
-        self.bytes += size;
-        while self.bytes > self.budget {
-            let (_, oldest) = self.entries.pop_front().expect("bytes > 0 means an entry");
-            self.bytes -= oldest.allocated_bytes();
+        while self.bytes() > self.budget {
+            self.entries.pop_front();
         }
         Ok(())
+    }
+
+    /// Bytes the cached prompts' keys and values take.
+    fn bytes(&self) -> usize {
+        self.entries.iter().map(|(_, c)| c.allocated_bytes()).sum()
     }
 }
 
@@ -160,7 +154,7 @@ mod tests {
             "100 is now the most recent"
         );
         prompts.keep(&prompt(300), &filled(&prompt(300)))?;
-        assert!(prompts.bytes <= 2 * size);
+        assert!(prompts.bytes() <= 2 * size);
         assert!(
             prompts.reuse(&prompt(200))?.is_none(),
             "200 was the least recent"
